@@ -1,0 +1,397 @@
+"""Build a FAISS text-to-image index from clipforge shards.
+
+    python -m indexing.build --shards SHARDS_DIR --checkpoint CKPT_DIR --out INDEX_DIR \
+        [--batch-size 64] [--factory auto] [--device cpu]
+
+Pipeline: shard tars (read with tarfile, so every jpg member's data offset/size is recorded for random
+access) -> PIL decode + eval preprocess -> CLIP image tower (inference_mode) -> L2-normalised float32
+vectors -> FAISS inner-product index -> search parameters (nprobe / efSearch) tuned on *text* queries
+(captions from the data) against exact search, so the index meets a recall target rather than a latency guess.
+
+Writes INDEX_DIR/{image.index, metadata.parquet, index.json}; every file goes to a temp path first and is
+os.replace'd into place, index.json last (it is the commit marker). Corrupt samples are skipped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+INDEX_FORMAT = "clipforge.index.v1"
+INDEX_FILE, META_FILE, INFO_FILE = "image.index", "metadata.parquet", "index.json"
+
+
+@dataclass
+class IndexConfig:
+    shards: str = ""                 # SHARDS_DIR (manifest.json + shard-*.tar)
+    checkpoint: str = ""             # CKPT_DIR written by trainer.checkpoint.save_model
+    out: str = ""                    # INDEX_DIR
+    batch_size: int = 64             # images per forward pass
+    factory: str = "auto"            # "auto" or any faiss index_factory string ("Flat", "IVF256,Flat", "HNSW32", ...)
+    device: str = "cpu"              # torch device for the image tower
+    workers: int = 2                 # decode/preprocess threads (PIL releases the GIL while decoding)
+    flat_below: int = 50_000         # auto: exact IndexFlatIP below this many vectors
+    train_per_list: int = 64         # IVF training sample = min(N, train_per_list * K) random vectors
+    target_recall: float = 0.95      # tune nprobe / efSearch until text-query recall@10 vs exact reaches this
+    tune_queries: int = 256          # number of captions used as tuning queries
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls, **kw) -> "IndexConfig":
+        """CPU-test preset: small batches, one worker, few tuning queries."""
+        return cls(**{"batch_size": 8, "workers": 1, "tune_queries": 32, **kw})
+
+
+class BuildError(RuntimeError):
+    """A user-facing error (bad paths, empty data): printed by main() without a traceback."""
+
+
+# ----------------------------------------------------------------------------- reading shards
+
+@dataclass
+class Sample:
+    key: str
+    caption: str
+    url: str
+    shard: str          # tar path relative to SHARDS_DIR
+    member: str         # jpg member name inside the tar, e.g. "000000012.jpg"
+    offset: int         # byte offset of the jpg data in the tar file
+    size: int           # jpg size in bytes
+    jpg: bytes
+
+
+def list_shards(shards_dir: Path) -> list[tuple[str, int | None]]:
+    """(tar path relative to shards_dir, expected sample count or None): from manifest.json, else a *.tar glob."""
+    if not shards_dir.is_dir():
+        raise BuildError(f"shards dir not found: {shards_dir}")
+    manifest = shards_dir / "manifest.json"
+    if manifest.exists():
+        try:
+            info = json.loads(manifest.read_text())
+            tars = [(s["tar"], s.get("num_samples")) for s in info["shards"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise BuildError(f"unreadable manifest {manifest}: {e}") from e
+    else:
+        tars = [(p.name, None) for p in sorted(shards_dir.glob("*.tar"))]
+    if not any((shards_dir / t).is_file() for t, _ in tars):
+        raise BuildError(f"no shard tars found in {shards_dir} (expected manifest.json or *.tar)")
+    return tars
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """'dir/000000012.jpg' -> ('dir/000000012', 'jpg') (webdataset rule: the extension starts at the basename's first dot)."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def _make_sample(rel: str, key: str, group: dict[str, tuple[tarfile.TarInfo, bytes]]) -> Sample | None:
+    """One sample's members {ext: (TarInfo, bytes)} -> Sample, or None when it has no jpg."""
+    if "jpg" not in group:
+        return None
+    info, jpg = group["jpg"]
+    meta = {}
+    if "json" in group:
+        try:
+            meta = json.loads(group["json"][1].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    caption = group["txt"][1].decode("utf-8", "replace").strip() if "txt" in group else str(meta.get("caption", ""))
+    return Sample(key=str(meta.get("key", key.rpartition("/")[2])), caption=caption, url=str(meta.get("url", "")),
+                  shard=rel, member=info.name, offset=info.offset_data, size=info.size, jpg=jpg)
+
+
+def iter_samples(shards_dir: Path, tars: list[tuple[str, int | None]], stats: dict) -> Iterator[Sample]:
+    """Stream samples in tar order (a sample = consecutive members sharing a key). Samples without a jpg count as
+    skipped; so do a missing/truncated/corrupt tar's partial sample and its unread rest (from manifest num_samples)."""
+    for rel, expected in tars:
+        key, group, done = None, {}, 0  # done: samples of this tar already handed on or counted
+        try:
+            with tarfile.open(shards_dir / rel, mode="r:") as tf:
+                for info in tf:
+                    if not info.isfile():
+                        continue
+                    k, ext = _split_key(info.name)
+                    if k != key and key is not None:
+                        sample, done = _make_sample(rel, key, group), done + 1
+                        if sample is None:
+                            stats["skipped"] += 1
+                        else:
+                            yield sample
+                    if k != key:
+                        key, group = k, {}
+                    f = tf.extractfile(info)
+                    group[ext] = (info, f.read() if f is not None else b"")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            lost = max(expected or 0, done + (key is not None)) - done
+            print(f"warning: shard {rel} is missing, corrupt or truncated ({e}); skipping its {lost} unread samples",
+                  file=sys.stderr)
+            stats["skipped"] += lost
+            continue
+        if key is not None:
+            sample = _make_sample(rel, key, group)
+            if sample is None:
+                stats["skipped"] += 1
+            else:
+                yield sample
+
+
+def decode(sample: Sample, preprocess) -> torch.Tensor | None:
+    """jpg bytes -> FloatTensor[3,S,S], or None if the image is corrupt."""
+    try:
+        with Image.open(io.BytesIO(sample.jpg)) as img:
+            img.load()  # force a full decode so truncated files fail here
+            return preprocess(img.convert("RGB"))
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return None
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def batched(it: Iterator[Sample], n: int) -> Iterator[list[Sample]]:
+    batch: list[Sample] = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encode_shards(cfg: IndexConfig, model, preprocess, tars: list[tuple[str, int | None]]) -> tuple[np.ndarray, list[Sample], int]:
+    """-> (embeddings float32[N, D] L2-normalised, kept samples (jpg bytes dropped), skipped count)."""
+    stats, chunks, kept, t0 = {"skipped": 0}, [], [], time.time()
+    with ThreadPoolExecutor(max(1, cfg.workers)) as pool, torch.inference_mode():
+        for batch in batched(iter_samples(Path(cfg.shards), tars, stats), cfg.batch_size):
+            tensors = list(pool.map(lambda s: decode(s, preprocess), batch))
+            ok = [(s, t) for s, t in zip(batch, tensors) if t is not None]
+            stats["skipped"] += len(batch) - len(ok)
+            if not ok:
+                continue
+            images = torch.stack([t for _, t in ok]).to(cfg.device)       # [B, 3, S, S]
+            feats = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)  # [B, D]
+            chunks.append(feats.cpu().numpy().astype(np.float32, copy=False))
+            for s, _ in ok:
+                s.jpg = b""  # only the offset/size is kept; the index never holds image bytes
+                kept.append(s)
+            if len(chunks) % 50 == 0:
+                print(f"encoded {len(kept)} images ({len(kept) / (time.time() - t0):.1f} img/s)", file=sys.stderr)
+    if not kept:
+        raise BuildError(f"no decodable images in {cfg.shards} (skipped {stats['skipped']})")
+    return np.ascontiguousarray(np.concatenate(chunks)), kept, stats["skipped"]
+
+
+def encode_texts(model, tokenizer, texts: list[str], device: str, batch_size: int = 256) -> np.ndarray:
+    """list[str] -> float32[Q, D] L2-normalised text embeddings."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            tokens = tokenizer(texts[i:i + batch_size]).to(device)         # [b, ctx]
+            feats = torch.nn.functional.normalize(model.encode_text(tokens).float(), dim=-1)
+            out.append(feats.cpu().numpy().astype(np.float32, copy=False))
+    return np.ascontiguousarray(np.concatenate(out)) if out else np.zeros((0, 0), np.float32)
+
+
+# ----------------------------------------------------------------------------- faiss
+
+def resolve_factory(factory: str, n: int, flat_below: int) -> str:
+    """'auto' -> exact Flat for small N, else IVF with K ~ 4*sqrt(N) lists (HNSW coarse quantizer for huge K)."""
+    if factory != "auto":
+        return factory
+    if n < flat_below:
+        return "Flat"
+    k = max(1, int(round(4 * math.sqrt(n))))
+    return f"IVF{k}_HNSW32,Flat" if k >= 16384 else f"IVF{k},Flat"
+
+
+def new_index(d: int, factory: str) -> faiss.Index:
+    """Empty inner-product index from a factory string; BuildError (not a C++ trace) when the string is invalid."""
+    try:
+        return faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1].rsplit(": ", 1)[-1]  # drop faiss's "Error in <C++ signature>" prefix
+        raise BuildError(f"invalid faiss factory string {factory!r}: {reason}") from e
+
+
+def build_index(x: np.ndarray, factory: str, cfg: IndexConfig) -> faiss.Index:
+    """x: float32[N, D] normalised -> trained, filled inner-product index."""
+    n, d = x.shape
+    index = new_index(d, factory)
+    if not index.is_trained:
+        ivf = _ivf(index)
+        nlist = ivf.nlist if ivf is not None else 1
+        if n < nlist:
+            raise BuildError(f"factory {factory!r} needs at least {nlist} vectors to train, got {n}")
+        m = min(n, max(cfg.train_per_list * nlist, 10_000))
+        rng = np.random.default_rng(cfg.seed)
+        sample = x[np.sort(rng.choice(n, size=m, replace=False))]         # random, not the first m
+        print(f"training {factory} on {m} random vectors", file=sys.stderr)
+        index.train(sample)
+    index.add(x)
+    return index
+
+
+def _ivf(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def recall_at(index: faiss.Index, xq: np.ndarray, truth: np.ndarray, k: int) -> float:
+    _, ids = index.search(xq, k)
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(ids, truth)]))
+
+
+def tune_search(index: faiss.Index, x: np.ndarray, xq: np.ndarray, target: float) -> tuple[dict, float]:
+    """Smallest nprobe (IVF) / efSearch (HNSW) whose recall@10 on text queries vs exact search reaches target.
+    x: float32[N, D] database, xq: float32[Q, D] text queries. -> (search params, recall@10)."""
+    k = min(10, x.shape[0])
+    if len(xq) == 0:
+        return {}, float("nan")
+    _, truth = faiss.knn(xq, x, k, metric=faiss.METRIC_INNER_PRODUCT)  # exact ground truth [Q, k]
+    ps = faiss.ParameterSpace()
+    ivf = _ivf(index)
+    if ivf is not None:
+        name, grid = "nprobe", sorted({min(ivf.nlist, 2 ** i) for i in range(20)})
+    elif hasattr(faiss.downcast_index(index), "hnsw"):
+        name, grid = "efSearch", [16, 32, 64, 128, 256, 512, 1024]
+    else:
+        return {}, recall_at(index, xq, truth, k)
+    for v in grid:  # recall grows with the parameter: stop at the first value that reaches the target
+        ps.set_index_parameter(index, name, v)
+        r = recall_at(index, xq, truth, k)
+        if r >= target:
+            break
+    return {name: int(v)}, r
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_outputs(out: Path, index: faiss.Index, samples: list[Sample], info: dict) -> None:
+    """Write all three files to temp paths, then os.replace them into place (index.json last)."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.table({
+        "key": pa.array([s.key for s in samples], pa.string()),
+        "caption": pa.array([s.caption for s in samples], pa.string()),
+        "url": pa.array([s.url for s in samples], pa.string()),
+        "shard": pa.array([s.shard for s in samples], pa.string()),
+        "member": pa.array([s.member for s in samples], pa.string()),
+        "offset": pa.array([s.offset for s in samples], pa.int64()),
+        "size": pa.array([s.size for s in samples], pa.int64()),
+    })
+    tmps = {name: _tmp(out / name) for name in (INDEX_FILE, META_FILE, INFO_FILE)}
+    try:
+        faiss.write_index(index, str(tmps[INDEX_FILE]))
+        pq.write_table(table, tmps[META_FILE])
+        tmps[INFO_FILE].write_text(json.dumps(info, indent=2) + "\n")
+        for name in (INDEX_FILE, META_FILE, INFO_FILE):
+            os.replace(tmps[name], out / name)
+    finally:
+        for p in tmps.values():
+            p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- main
+
+def build(cfg: IndexConfig) -> dict:
+    """Run the whole stage; returns the index.json dict."""
+    t0 = time.time()
+    shards_dir, ckpt = Path(cfg.shards).resolve(), Path(cfg.checkpoint).resolve()
+    tars = list_shards(shards_dir)
+    if not ckpt.is_dir() or not (ckpt / "config.json").is_file():
+        raise BuildError(f"checkpoint not found: {ckpt} (expected a dir with config.json + model.safetensors)")
+    from trainer.checkpoint import load_pretrained  # public trainer API only
+
+    torch.manual_seed(cfg.seed)
+    try:
+        model, preprocess, tokenizer = load_pretrained(ckpt, device=cfg.device)
+    except ValueError as e:  # trainer's CheckpointError (missing/corrupt weights, config mismatch)
+        raise BuildError(f"cannot load checkpoint {ckpt}: {e}") from e
+    model.eval()
+    if cfg.factory != "auto":
+        new_index(model.config.embed_dim, cfg.factory)  # fail fast, before encoding everything
+
+    x, samples, skipped = encode_shards(cfg, model, preprocess, tars)  # x: [N, D]
+    n, d = x.shape
+    factory = resolve_factory(cfg.factory, n, cfg.flat_below)
+    index = build_index(x, factory, cfg)
+
+    # tuning queries: distinct captions from the data, a random subset
+    rng = np.random.default_rng(cfg.seed)
+    captions = sorted({s.caption for s in samples if s.caption})
+    picks = [captions[i] for i in rng.permutation(len(captions))[: cfg.tune_queries]]
+    xq = encode_texts(model, tokenizer, picks, cfg.device) if picks else np.zeros((0, d), np.float32)
+    params, recall = tune_search(index, x, xq, cfg.target_recall)
+
+    info = {
+        "format": INDEX_FORMAT,
+        "checkpoint": str(ckpt),
+        "shards_dir": str(shards_dir),
+        "dim": int(d),
+        "num_vectors": int(index.ntotal),
+        "factory": factory,
+        "metric": "inner_product",
+        "skipped": int(skipped),
+        "search_params": params,
+        "tuned_recall_at_10": None if math.isnan(recall) else round(recall, 4),
+        "tune_queries": len(picks),
+        "num_shards": len(tars),
+        "build_seconds": round(time.time() - t0, 2),
+        "config": asdict(cfg),
+    }
+    write_outputs(Path(cfg.out), index, samples, info)
+    return info
+
+
+def parse_args(argv: list[str] | None) -> IndexConfig:
+    d = IndexConfig()
+    p = argparse.ArgumentParser(prog="python -m indexing.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", required=True, help="SHARDS_DIR with manifest.json and shard tars")
+    p.add_argument("--checkpoint", required=True, help="CKPT_DIR (model.safetensors + config.json)")
+    p.add_argument("--out", required=True, help="INDEX_DIR to write")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--factory", default=d.factory, help='"auto" or a faiss index_factory string')
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--workers", type=int, default=d.workers, help="decode threads")
+    p.add_argument("--target-recall", type=float, default=d.target_recall)
+    p.add_argument("--seed", type=int, default=d.seed)
+    return IndexConfig(**vars(p.parse_args(argv)))  # every flag's dest is an IndexConfig field
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        info = build(cfg)
+    except (BuildError, OSError) as e:  # OSError: e.g. --out is a file or not writable
+        print(f"indexing.build: error: {e}", file=sys.stderr)
+        return 2
+    print(f"indexed {info['num_vectors']} images (skipped {info['skipped']}) with {info['factory']} "
+          f"{info['search_params']} recall@10={info['tuned_recall_at_10']} in {info['build_seconds']}s -> {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Self-contained HTML report of text-to-image search results (thumbnails inlined as base64 JPEG).
+
+    from indexing.report import write_html
+    write_html(Searcher("runs/index"), ["a red apple", "a dog on a beach"], k=8, out_path="runs/search.html")
+
+    python -m indexing.report "a red apple" "a dog" --index INDEX_DIR --k 8 --out search.html
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import os
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+THUMB = 224  # longest side of an inlined thumbnail, pixels
+
+CSS = """
+:root { --bg:#0f1115; --card:#181b22; --fg:#e8eaf0; --muted:#8b93a7; --accent:#6ea8fe; }
+* { box-sizing: border-box; }
+body { margin: 0; padding: 28px 36px; background: var(--bg); color: var(--fg);
+       font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+header h1 { margin: 0 0 4px; font-size: 22px; font-weight: 650; }
+header p { margin: 0 0 24px; color: var(--muted); font-size: 13px; }
+section { margin-bottom: 34px; }
+section h2 { font-size: 16px; font-weight: 600; margin: 0 0 12px; }
+section h2 span { color: var(--accent); }
+.row { display: grid; grid-template-columns: repeat(auto-fill, minmax(190px, 1fr)); gap: 14px; }
+.card { background: var(--card); border-radius: 10px; overflow: hidden; box-shadow: 0 2px 10px #0006;
+        display: flex; flex-direction: column; }
+.card .img { aspect-ratio: 1 / 1; background: #0a0c10; display: flex; align-items: center; justify-content: center; }
+.card img { width: 100%; height: 100%; object-fit: cover; display: block; }
+.card .meta { padding: 9px 11px 11px; }
+.card .score { display: flex; justify-content: space-between; font-variant-numeric: tabular-nums;
+               color: var(--muted); font-size: 12px; margin-bottom: 5px; }
+.card .score b { color: var(--accent); font-weight: 650; }
+.bar { height: 3px; background: #2a2f3a; border-radius: 2px; margin-bottom: 7px; }
+.bar i { display: block; height: 100%; background: var(--accent); border-radius: 2px; }
+.card .cap { font-size: 13px; overflow-wrap: anywhere; }
+.card .path { font: 11px ui-monospace, monospace; color: var(--muted); margin-top: 5px; overflow-wrap: anywhere; }
+.empty { color: var(--muted); font-style: italic; }
+"""
+
+# a 1x1 grey JPEG-free placeholder (SVG) for images that cannot be read/decoded
+PLACEHOLDER = "data:image/svg+xml;base64," + base64.b64encode(
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" height="64" fill="#222"/>'
+    b'<text x="32" y="36" font-size="10" text-anchor="middle" fill="#888">n/a</text></svg>').decode()
+
+
+def thumbnail_uri(jpg: bytes, size: int = THUMB) -> str:
+    """jpg bytes -> data: URI of a downscaled JPEG (keeps the page small for large images)."""
+    try:
+        with Image.open(io.BytesIO(jpg)) as img:
+            img = img.convert("RGB")
+            img.thumbnail((size, size), Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=85)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    except Exception:
+        return PLACEHOLDER
+
+
+def _card(searcher, hit) -> str:
+    try:
+        uri = thumbnail_uri(searcher.image_bytes(hit))
+    except OSError:
+        uri = PLACEHOLDER
+    e = html.escape
+    pct = max(0.0, min(1.0, hit.score)) * 100
+    link = f' href="{e(hit.url)}"' if hit.url.startswith(("http://", "https://")) else ""
+    return (f'<div class="card"><a class="img"{link}><img src="{uri}" alt="{e(hit.caption)}" loading="lazy"></a>'
+            f'<div class="meta"><div class="score"><span>#{hit.rank}</span><b>{hit.score:.4f}</b></div>'
+            f'<div class="bar"><i style="width:{pct:.1f}%"></i></div>'
+            f'<div class="cap">{e(hit.caption)}</div><div class="path">{e(hit.image)}</div></div></div>')
+
+
+def render_html(searcher, queries: list[str], k: int) -> str:
+    results = searcher.search(list(queries), k=k)
+    info = getattr(searcher, "info", {})
+    e = html.escape
+    sections = []
+    for q, hits in zip(queries, results):
+        cards = "".join(_card(searcher, h) for h in hits) or '<p class="empty">no results</p>'
+        sections.append(f'<section><h2>Query: <span>{e(q)}</span></h2><div class="row">{cards}</div></section>')
+    sub = (f"{info.get('num_vectors', '?')} images &middot; {e(str(info.get('factory', '?')))} "
+           f"&middot; top-{k} by cosine similarity &middot; checkpoint {e(str(info.get('checkpoint', '?')))}")
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>clipforge search</title><style>{CSS}</style></head><body>'
+            f'<header><h1>clipforge text-to-image search</h1><p>{sub}</p></header>'
+            f'{"".join(sections)}</body></html>\n')
+
+
+def write_html(searcher, queries: list[str], k: int, out_path: str | Path) -> Path:
+    """Render the results page and write it atomically (temp file in the same dir, then os.replace)."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(render_html(searcher, queries, k), encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m indexing.report", description="HTML page of search results.")
+    p.add_argument("queries", nargs="+")
+    p.add_argument("--index", required=True)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--out", default="search.html")
+    a = p.parse_args(argv)
+    from indexing.search import SearchError, Searcher
+
+    try:
+        searcher = Searcher(a.index)
+    except (SearchError, OSError) as e:
+        print(f"indexing.report: error: {e}", file=sys.stderr)
+        return 2
+    print(write_html(searcher, a.queries, a.k, a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

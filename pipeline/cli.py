@@ -1,0 +1,53 @@
+"""`clipforge` — one command, a subcommand per stage. Each subcommand is also `python -m <module>`.
+
+    clipforge sample-web OUT            render the offline sample image-text web      (pipeline.sampleweb)
+    clipforge serve-web OUT             serve it on 127.0.0.1                         (pipeline.sampleweb)
+    clipforge crawl URLS CRAWL_DIR      img2dataset + Ray -> WebDataset shards        (pipeline.crawl)
+    clipforge filter CRAWL_DIR OUT      keep/drop with a reason per row               (pipeline.filter)
+    clipforge shard FILTER_DIR OUT      training shards + manifest                    (pipeline.shard)
+    clipforge train --shards D --out R  CLIP with DeepSpeed ZeRO                      (trainer.train)
+    clipforge index --shards D ...      embed images + FAISS index                    (indexing.build)
+    clipforge search "a red apple"      text -> image search                          (indexing.search)
+    clipforge demo                      all of the above on the sample web            (pipeline.demo)
+
+Only each stage's `main(argv)` is imported, and only when its subcommand runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "sample-web": ("pipeline.sampleweb", "main_build", "render the offline sample image-text web"),
+    "serve-web": ("pipeline.sampleweb", "main_serve", "serve a sample web on 127.0.0.1"),
+    "crawl": ("pipeline.crawl", "main", "download URL+caption lists with img2dataset on Ray"),
+    "filter": ("pipeline.filter", "main", "basic rules + exact dedup, a reason for every drop"),
+    "shard": ("pipeline.shard", "main", "write kept samples to WebDataset shards + manifest"),
+    "train": ("trainer.train", "main", "train CLIP with DeepSpeed ZeRO"),
+    "index": ("indexing.build", "main", "embed images and build a FAISS index"),
+    "search": ("indexing.search", "main", "text-to-image search in an index"),
+    "demo": ("pipeline.demo", "main", "run every stage on the sample web"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: clipforge <command> [args]  (clipforge <command> -h for its options)", "", "commands:"]
+    lines += [f"  {name:<11} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"clipforge: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, fn, _ = COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module), fn)(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""Stage 2 — filter: decide keep / drop for every crawled row, with a reason for every drop.
+
+Reads  CRAWL_DIR (img2dataset webdataset output: the per-shard `.parquet` of every shard that has a `_stats.json`;
+       `crawl_manifest.json` when our crawl wrote it).
+Writes FILTER_DIR/decisions.parquet  one row per input row:
+           key, url, caption, shard (crawl tar name), width, height, original_width, original_height, sha256,
+           keep (bool), reason (null when kept, else one of REASONS), detail (free text)
+       FILTER_DIR/filter_manifest.json  config, crawl dir, counts per reason, kept count (written last, atomic)
+
+Rules are pure functions `row -> None | (reason, detail)`, applied in order (the first failing rule is the reason);
+exact duplicates (same sha256 of the image bytes) are found afterwards among the survivors with a DuckDB window,
+keeping the first key. Rerunning overwrites both files atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.common import atomic_write_json
+
+REASONS = ("crawl_failed", "caption_too_short", "image_too_small", "aspect_ratio", "duplicate")
+
+
+@dataclass
+class FilterConfig:
+    crawl_dir: str = ""
+    output_dir: str = ""
+    min_caption_chars: int = 5  # LAION: alt-text >= 5 chars; DataComp: > 5 chars and > 2 words
+    min_caption_words: int = 1
+    min_image_side: int = 64  # of the original image; DataComp uses 200 for web-scale data
+    max_aspect_ratio: float = 3.0  # DataComp
+    dedup: bool = True  # exact duplicates by sha256 of the image bytes
+
+    @classmethod
+    def tiny(cls, crawl_dir: str, output_dir: str) -> "FilterConfig":
+        return cls(crawl_dir=crawl_dir, output_dir=output_dir, min_image_side=48)
+
+
+# ---- rules: pure functions row -> None (keep) or (reason, detail) -------------------------------------------------
+
+def crawl_status(row: dict, cfg: FilterConfig):
+    if row["status"] != "success":
+        return "crawl_failed", f"{row['status']}: {row.get('error_message') or ''}".strip()
+
+
+def caption_length(row: dict, cfg: FilterConfig):
+    text = (row.get("caption") or "").strip()
+    if len(text) < cfg.min_caption_chars or len(text.split()) < cfg.min_caption_words:
+        return "caption_too_short", f"{len(text)} chars, {len(text.split())} words"
+
+
+def image_size(row: dict, cfg: FilterConfig):
+    w, h = row.get("original_width") or row.get("width"), row.get("original_height") or row.get("height")
+    if not w or not h or min(w, h) < cfg.min_image_side:
+        return "image_too_small", f"{w}x{h}"
+
+
+def aspect_ratio(row: dict, cfg: FilterConfig):
+    w, h = row.get("original_width") or row.get("width"), row.get("original_height") or row.get("height")
+    if max(w, h) / min(w, h) > cfg.max_aspect_ratio:
+        return "aspect_ratio", f"{w}x{h}"
+
+
+RULES = [crawl_status, caption_length, image_size, aspect_ratio]
+
+
+def decide(row: dict, cfg: FilterConfig):
+    for rule in RULES:
+        verdict = rule(row, cfg)
+        if verdict:
+            return verdict
+    return None
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------------
+
+def crawl_parquets(crawl_dir: str) -> list[str]:
+    """Per-shard parquet files of the complete shards (those with img2dataset's `_stats.json` marker)."""
+    out = []
+    for stats in sorted(glob.glob(os.path.join(crawl_dir, "*_stats.json"))):
+        pq_path = stats[: -len("_stats.json")] + ".parquet"
+        if os.path.exists(pq_path):
+            out.append(pq_path)
+    return out
+
+
+def run(cfg: FilterConfig) -> dict:
+    files = crawl_parquets(cfg.crawl_dir)
+    if not files:
+        raise FileNotFoundError(f"no complete crawl shards (*_stats.json + .parquet) in {cfg.crawl_dir!r}")
+    con = duckdb.connect()
+    cols = "key, url, caption, status, error_message, width, height, original_width, original_height, sha256"
+    rows = con.sql(
+        f"SELECT {cols}, regexp_replace(filename, '^.*/|\\.parquet$', '', 'g') || '.tar' AS shard "
+        f"FROM read_parquet(?, filename=true, union_by_name=true) ORDER BY key", params=[files]).to_arrow_table()
+    rows = rows.to_pylist()
+    for r in rows:
+        verdict = decide(r, cfg)
+        r["keep"] = verdict is None
+        r["reason"], r["detail"] = verdict if verdict else (None, None)
+
+    if cfg.dedup:  # first key per sha256 among the survivors wins
+        survivors = pa.table({"key": [r["key"] for r in rows if r["keep"]],
+                              "sha256": [r["sha256"] for r in rows if r["keep"]]})
+        dups = con.execute(
+            "SELECT key, first_value(key) OVER (PARTITION BY sha256 ORDER BY key) AS first_key "
+            "FROM survivors QUALIFY key <> first_key").fetchall()
+        first_of = dict(dups)
+        for r in rows:
+            if r["key"] in first_of:
+                r["keep"], r["reason"], r["detail"] = False, "duplicate", f"same sha256 as {first_of[r['key']]}"
+
+    schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("shard", pa.string()),
+                        ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
+                        ("original_height", pa.int32()), ("sha256", pa.string()), ("keep", pa.bool_()),
+                        ("reason", pa.string()), ("detail", pa.string())])
+    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".decisions.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / "decisions.parquet")
+
+    counts = {reason: 0 for reason in REASONS}
+    for r in rows:
+        if not r["keep"]:
+            counts[r["reason"]] += 1
+    manifest = {"format": "clipforge.filter.v1", "config": asdict(cfg), "crawl_dir": os.path.abspath(cfg.crawl_dir),
+                "input_rows": len(rows), "kept": sum(r["keep"] for r in rows), "dropped": counts,
+                "decisions": "decisions.parquet"}
+    atomic_write_json(out / "filter_manifest.json", manifest)
+    return manifest
+
+
+def main(argv=None) -> int:
+    d = FilterConfig()
+    p = argparse.ArgumentParser(prog="clipforge filter", description=__doc__.split("\n")[0])
+    p.add_argument("crawl_dir")
+    p.add_argument("output_dir")
+    p.add_argument("--min-caption-chars", type=int, default=d.min_caption_chars)
+    p.add_argument("--min-caption-words", type=int, default=d.min_caption_words)
+    p.add_argument("--min-image-side", type=int, default=d.min_image_side)
+    p.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio)
+    p.add_argument("--no-dedup", action="store_true")
+    a = p.parse_args(argv)
+    cfg = FilterConfig(crawl_dir=a.crawl_dir, output_dir=a.output_dir, min_caption_chars=a.min_caption_chars,
+                       min_caption_words=a.min_caption_words, min_image_side=a.min_image_side,
+                       max_aspect_ratio=a.max_aspect_ratio, dedup=not a.no_dedup)
+    try:
+        m = run(cfg)
+    except FileNotFoundError as e:
+        print(f"filter: error: {e}", file=sys.stderr)
+        return 2
+    dropped = ", ".join(f"{k} {v}" for k, v in m["dropped"].items() if v)
+    print(f"filter: kept {m['kept']}/{m['input_rows']} (dropped: {dropped or 'none'}) "
+          f"-> {cfg.output_dir}/decisions.parquet", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Stage 3 — shard: copy the kept samples into training shards (WebDataset .tar + Parquet + manifest).
+
+Reads  FILTER_DIR/decisions.parquet (keep == true rows) and the crawl tars they point at.
+Writes SHARDS_DIR/shard-00000.tar      per sample KEY.jpg (bytes copied as crawled, never re-encoded), KEY.txt
+                                       (caption), KEY.json (key, url, caption, width, height, sha256)
+       SHARDS_DIR/shard-00000.parquet  one row per sample: key, url, caption, width, height, sha256
+       SHARDS_DIR/manifest.json        {"format": "clipforge.shards.v1", "num_samples", "shards": [{tar, parquet,
+                                       num_samples}], "missing": n} — written last; readers trust only listed shards
+
+One Ray task per output shard. Each task writes its tar and then its parquet through temp files + rename, so the
+parquet is the shard's completion marker: a rerun (or a resumed, killed job) skips shards whose parquet exists
+with the planned row count. The plan is deterministic (kept keys in sorted order), so reruns are idempotent.
+A kept sample that is missing or unreadable in the crawl tar is counted in the manifest, never a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.common import atomic_write_json, init_ray, read_json
+
+SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("width", pa.int32()),
+                    ("height", pa.int32()), ("sha256", pa.string())])
+
+
+@dataclass
+class ShardConfig:
+    filter_dir: str = ""
+    output_dir: str = ""
+    crawl_dir: str = ""  # "" = the crawl dir recorded in FILTER_DIR/filter_manifest.json
+    samples_per_shard: int = 10_000
+    image_ext: str = "jpg"
+    ray_address: str | None = None
+
+    @classmethod
+    def tiny(cls, filter_dir: str, output_dir: str) -> "ShardConfig":
+        return cls(filter_dir=filter_dir, output_dir=output_dir, samples_per_shard=64)
+
+
+def plan(cfg: ShardConfig) -> list[list[dict]]:
+    """Kept rows, sorted by key, cut into output shards."""
+    table = pq.read_table(Path(cfg.filter_dir) / "decisions.parquet",
+                          columns=["key", "url", "caption", "shard", "width", "height", "sha256", "keep"])
+    rows = sorted((r for r in table.to_pylist() if r["keep"]), key=lambda r: r["key"])
+    n = cfg.samples_per_shard
+    return [rows[i:i + n] for i in range(0, len(rows), n)]
+
+
+def _read_members(tar_path: str, wanted: set[str], ext: str) -> dict[str, bytes]:
+    """key -> image bytes for the wanted keys of one crawl tar (a truncated tar yields what it can)."""
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(tar_path, "r") as tf:
+            for m in tf:
+                stem, _, suffix = m.name.rpartition(".")
+                if suffix == ext and stem in wanted and m.isfile():
+                    found[stem] = tf.extractfile(m).read()
+    except (OSError, tarfile.TarError) as e:
+        print(f"shard: warning: {tar_path}: {e}", file=sys.stderr)
+    return found
+
+
+def write_shard(cfg_dict: dict, crawl_dir: str, idx: int, rows: list[dict]) -> dict:
+    """Write one output shard (runs as a Ray task). Returns its manifest entry."""
+    import webdataset as wds
+
+    cfg = ShardConfig(**cfg_dict)
+    out = Path(cfg.output_dir)
+    name = f"shard-{idx:05d}"
+    tar_path, pq_path = out / f"{name}.tar", out / f"{name}.parquet"
+    if pq_path.exists():  # done marker: reuse it if it matches the plan
+        done = pq.ParquetFile(pq_path)
+        missing = int((done.schema_arrow.metadata or {}).get(b"missing", b"0"))
+        if done.metadata.num_rows + missing == len(rows):
+            return {"tar": tar_path.name, "parquet": pq_path.name, "num_samples": done.metadata.num_rows,
+                    "missing": missing, "skipped_existing": True}
+
+    images: dict[str, bytes] = {}
+    by_src: dict[str, set[str]] = {}
+    for r in rows:
+        by_src.setdefault(r["shard"], set()).add(r["key"])
+    for src, keys in sorted(by_src.items()):
+        images.update(_read_members(os.path.join(crawl_dir, src), keys, cfg.image_ext))
+
+    written = []
+    tmp_tar = out / f".{name}.tar.tmp"
+    with open(tmp_tar, "wb") as f:
+        sink = wds.TarWriter(f)
+        for r in rows:
+            img = images.get(r["key"])
+            if img is None:
+                continue
+            meta = {k: r[k] for k in ("key", "url", "caption", "width", "height", "sha256")}
+            sink.write({"__key__": r["key"], cfg.image_ext: img, "txt": r["caption"] or "",
+                        "json": json.dumps(meta).encode()})
+            written.append(meta)
+        sink.close()
+    os.replace(tmp_tar, tar_path)
+    missing = len(rows) - len(written)
+    tmp_pq = out / f".{name}.parquet.tmp"
+    table = pa.Table.from_pylist(written, schema=SCHEMA).replace_schema_metadata({"missing": str(missing)})
+    pq.write_table(table, tmp_pq)
+    os.replace(tmp_pq, pq_path)
+    return {"tar": tar_path.name, "parquet": pq_path.name, "num_samples": len(written), "missing": missing,
+            "skipped_existing": False}
+
+
+def run(cfg: ShardConfig) -> dict:
+    decisions = Path(cfg.filter_dir) / "decisions.parquet"
+    if not decisions.exists():
+        raise FileNotFoundError(f"{decisions} does not exist: run the filter stage first")
+    crawl_dir = cfg.crawl_dir or read_json(Path(cfg.filter_dir) / "filter_manifest.json")["crawl_dir"]
+    shards = plan(cfg)
+    if not shards:
+        raise ValueError(f"no kept samples in {decisions}")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ray = init_ray(cfg.ray_address)
+    task = ray.remote(write_shard)
+    entries = ray.get([task.remote(asdict(cfg), crawl_dir, i, rows) for i, rows in enumerate(shards)])
+    manifest = {"format": "clipforge.shards.v1", "num_samples": sum(e["num_samples"] for e in entries),
+                "missing": sum(e["missing"] for e in entries),
+                "shards": [{k: e[k] for k in ("tar", "parquet", "num_samples")} for e in entries],
+                "source": {"filter_dir": os.path.abspath(cfg.filter_dir), "crawl_dir": os.path.abspath(crawl_dir)},
+                "resumed_shards": sum(e["skipped_existing"] for e in entries)}
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def main(argv=None) -> int:
+    d = ShardConfig()
+    p = argparse.ArgumentParser(prog="clipforge shard", description=__doc__.split("\n")[0])
+    p.add_argument("filter_dir")
+    p.add_argument("output_dir")
+    p.add_argument("--crawl-dir", default="", help="default: the one recorded by the filter stage")
+    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
+    p.add_argument("--ray-address", default=None, help="default: $RAY_ADDRESS, else a local in-process Ray")
+    a = p.parse_args(argv)
+    cfg = ShardConfig(filter_dir=a.filter_dir, output_dir=a.output_dir, crawl_dir=a.crawl_dir,
+                      samples_per_shard=a.samples_per_shard, ray_address=a.ray_address)
+    try:
+        m = run(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"shard: error: {e}", file=sys.stderr)
+        return 2
+    print(f"shard: {m['num_samples']} samples in {len(m['shards'])} shards ({m['missing']} missing in the crawl, "
+          f"{m['resumed_shards']} shards already done) -> {cfg.output_dir}/manifest.json", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The crawl as a real Ray job: `ray start --head` on 127.0.0.1 (own temp dir and ports, token auth), then
+`ray job submit -- python -m pipeline.crawl ...` against the sample web, exactly as a cluster user would."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import crawl, sampleweb
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ray_cluster(tmp_path, free_port):
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs, dash = free_port(), free_port()
+    temp = Path("/tmp") / f"cf-ray-{os.getpid()}-{gcs}"  # short: Ray's unix socket paths have a length limit
+    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--temp-dir", str(temp),
+           "--num-cpus", "2", "--disable-usage-stats", "--include-dashboard", "true"]
+    head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "ray-head.log", "w"))
+    api = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([str(bin_dir / "ray"), "job", "list", "--address", api], env=env,
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-3000:]
+        time.sleep(2)
+    else:
+        pytest.fail("ray head did not come up in 120 s")
+    try:
+        yield api, env, bin_dir
+    finally:  # stop only this cluster: its whole process group, never a machine-wide `ray stop`
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_crawl_runs_as_a_ray_job(ray_cluster, tmp_path, free_port):
+    api, env, bin_dir = ray_cluster
+    cfg = sampleweb.SampleWebConfig.tiny()
+    cfg.port = free_port()
+    summary = sampleweb.build(tmp_path / "web", cfg)
+    server = sampleweb.serve(tmp_path / "web", cfg.port)
+    try:
+        out = tmp_path / "crawl"
+        job = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", api, "--submission-id", f"crawl-{cfg.port}",
+             "--working-dir", str(ROOT), "--", "python", "-m", "pipeline.crawl", str(tmp_path / "web" / "urls.parquet"),
+             str(out), "--samples-per-shard", "100"],
+            env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout + job.stderr
+    m = json.loads((out / crawl.MANIFEST).read_text())
+    assert m["complete"] and m["totals"]["rows"] == summary["rows"]
+    assert m["totals"]["success"] == summary["rows"] - 4  # 404, not an image, truncated, opt-out
