@@ -35,6 +35,8 @@ class DemoConfig:
     steps: int = 0  # >0 overrides epochs
     batch_size: int = 64  # per rank
     lr: float = 1e-3
+    warmup: int = 20  # optimizer steps
+    log_every: int = 10
     nproc: int = 2
     queries: list[str] = field(default_factory=lambda: list(QUERIES))
     k: int = 5
@@ -43,7 +45,7 @@ class DemoConfig:
     def tiny(cls, workdir: str) -> "DemoConfig":
         """The small end-to-end run used by the test suite."""
         return cls(workdir=workdir, max_emoji=120, variants=2, crawl_samples_per_shard=100,
-                   shard_samples_per_shard=64, epochs=0, steps=6, batch_size=16)
+                   shard_samples_per_shard=64, epochs=0, steps=6, batch_size=16, warmup=2, log_every=2)
 
 
 def free_port() -> int:
@@ -92,9 +94,11 @@ def run(cfg: DemoConfig) -> dict:
     ray.shutdown()  # give the cores to the trainer
 
     length = ["--steps", str(cfg.steps)] if cfg.steps else ["--epochs", str(cfg.epochs)]
-    _stage("train", lambda: train.main(["--shards", str(d["shards"]), "--out", str(d["run"]), "--model", cfg.model,
-                                        "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
-                                        "--nproc", str(cfg.nproc), "--zero", "2", *length]), timings)
+    _stage("train", lambda: train.main(["--shards", str(d["shards"]), "--out", str(d["run"]), "--preset", "tiny",
+                                        "--model", cfg.model, "--batch-size", str(cfg.batch_size),
+                                        "--lr", str(cfg.lr), "--warmup", str(cfg.warmup),
+                                        "--log-every", str(cfg.log_every), "--nproc", str(cfg.nproc),
+                                        "--zero", "2", "--grad-checkpointing", *length]), timings)
     _stage("index", lambda: index_build.main(["--shards", str(d["shards"]), "--checkpoint",
                                               str(d["run"] / "checkpoint"), "--out", str(d["index"])]), timings)
 

@@ -1,0 +1,59 @@
+"""The whole demo at a smaller size: sample web -> crawl (img2dataset on Ray) -> filter -> shard -> DeepSpeed ZeRO-2
+on 2 gloo ranks -> FAISS index -> search + HTML. Asserts on what every stage wrote on disk."""
+
+import json
+import re
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import demo
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    cfg = demo.DemoConfig.tiny(str(tmp_path / "demo"))
+    s = demo.run(cfg)
+    w = tmp_path / "demo"
+    out = capsys.readouterr().out
+
+    web = json.loads((w / "web" / "web.json").read_text())
+    n_bad = sum(web["kinds"][k] for k in ("http_404", "not_image", "truncated", "opt_out"))
+    # crawl: every row accounted for, the four bad rows recorded as failures
+    assert s["crawl"]["rows"] == web["rows"]
+    assert s["crawl"]["failed_to_download"] + s["crawl"]["failed_to_resize"] == n_bad
+    assert s["crawl"]["success"] == web["rows"] - n_bad
+    # filter: a reason for every drop, counts add up
+    d = pq.read_table(w / "filter" / "decisions.parquet").to_pylist()
+    assert len(d) == web["rows"] and all(r["keep"] == (r["reason"] is None) for r in d)
+    kept = sum(r["keep"] for r in d)
+    assert s["filter"]["kept"] == kept and s["filter"]["dropped"]["duplicate"] == web["kinds"]["duplicate"]
+    # shard: the expected number of shards holding exactly the kept samples
+    m = json.loads((w / "shards" / "manifest.json").read_text())
+    assert m["num_samples"] == kept and len(m["shards"]) == -(-kept // cfg.shard_samples_per_shard)
+    n_jpg = sum(sum(n.endswith(".jpg") for n in tarfile.open(w / "shards" / sh["tar"]).getnames())
+                for sh in m["shards"])
+    assert n_jpg == kept
+    # train: 2 ranks, ZeRO-2, finite losses, a checkpoint
+    t = s["train"]
+    assert t["world_size"] == 2 and t["zero_stage"] == 2 and t["steps"] == cfg.steps
+    losses = [json.loads(line)["loss"] for line in (w / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(l == l and l < 1e4 for l in losses)
+    assert (w / "run" / "checkpoint" / "model.safetensors").exists()
+    ds = json.loads((w / "run" / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2
+    assert json.loads((w / "run" / "train_config.json").read_text())["grad_checkpointing"] is True
+    # index: one vector per kept sample, aligned metadata
+    assert s["index"]["num_vectors"] == kept and s["index"]["skipped"] == 0
+    assert pq.ParquetFile(w / "index" / "metadata.parquet").metadata.num_rows == kept
+    # search: k results per query, scores sorted, printed, and in the HTML page
+    for q in cfg.queries:
+        hits = s["search"][q]
+        assert len(hits) == cfg.k
+        scores = [h["score"] for h in hits]
+        assert scores == sorted(scores, reverse=True)
+        assert f'"{q}"' in out
+    assert len(re.findall(r"<img ", (w / "results.html").read_text())) == cfg.k * len(cfg.queries)
+    assert "where everything is" in out

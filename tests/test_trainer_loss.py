@@ -1,0 +1,79 @@
+"""The distributed local loss (2 gloo ranks) equals the single-process full-batch loss, gradients included."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from trainer.loss import clip_loss
+from trainer.model import CLIP, get_config
+from trainer.tokenizer import tokenize
+
+N, WORLD = 8, 2
+
+
+def _model():
+    torch.manual_seed(0)
+    return CLIP(get_config("tiny"))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(N, 3, 64, 64, generator=g)
+    tokens = tokenize([f"caption number {i}" for i in range(N)], 32)
+    return images, tokens
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        images, tokens = _data()
+        b = N // WORLD
+        sl = slice(rank * b, (rank + 1) * b)
+        loss = clip_loss(*model(images[sl], tokens[sl]))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for g in grads.values():  # what data parallelism does: average the gradients
+            dist.all_reduce(g)
+            g /= WORLD
+        loss_mean = loss.detach().clone()
+        dist.all_reduce(loss_mean)
+        loss_mean /= WORLD
+        if rank == 0:
+            torch.save({"loss": loss_mean, "grads": grads}, os.path.join(out_dir, "dist.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_loss_and_grads_equal_full_batch(tmp_path):
+    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "dist.pt")
+
+    model = _model()
+    images, tokens = _data()
+    loss = clip_loss(*model(images, tokens))  # no process group: plain full-batch loss
+    loss.backward()
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_single_process_loss_matches_reference_formula():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    scale = torch.tensor(14.0)
+    logits = scale * img @ txt.T
+    labels = torch.arange(5)
+    ref = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    torch.testing.assert_close(clip_loss(img, txt, scale), ref)

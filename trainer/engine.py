@@ -1,0 +1,174 @@
+"""Everything DeepSpeed: the generated config, engine creation and gathering weights for saving.
+
+This is the ONLY module of clipforge that imports deepspeed (lazily, so `build_ds_config` stays importable).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainer.train import TrainConfig
+
+NO_DECAY_NAMES = ("logit_scale", "class_embedding", "positional_embedding", "token_embedding")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; none on gains/biases (1-D), embeddings and logit_scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_ds_config(cfg: "TrainConfig", world_size: int) -> dict:
+    """The DeepSpeed JSON config for this run. train_batch_size = micro * grad_accum * world is checked."""
+    train_batch_size = cfg.batch_size * cfg.grad_accum * world_size
+    assert train_batch_size == cfg.global_batch_size(world_size), "batch size arithmetic"
+    if cfg.zero not in (0, 1, 2, 3):
+        raise ValueError(f"--zero must be 0, 1, 2 or 3, got {cfg.zero}")
+    ds = {
+        "train_batch_size": train_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "steps_per_print": 10**9,  # progress lines come from the trainer
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": cfg.zero},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.lr,
+                "betas": list(cfg.betas),
+                "eps": cfg.eps,
+                "weight_decay": cfg.weight_decay,
+                "torch_adam": True,  # plain torch AdamW: no JIT-compiled fused kernel needed on CPU
+            },
+        },
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": False},
+    }
+    if cfg.zero == 3:
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": True})
+    return ds
+
+
+def _patch_deepspeed(use_shm_comm: bool) -> None:
+    """Two local workarounds for DeepSpeed 0.19 on CPU, applied before the first engine is built.
+
+    1. Its CPU accelerator JIT-compiles a shared-memory allreduce op (~55 s, cached in ~/.cache/torch_extensions)
+       when the comm backend is created. Plain gloo is enough for clipforge, so it is skipped unless asked for.
+    2. DeepSpeedEngine._broadcast_model and (ZeRO-3) Init._zero_init_param broadcast `p.data.view(torch.uint8)`,
+       which fails for 0-dim parameters such as CLIP's logit_scale; they are broadcast as 1-element views instead.
+    """
+    import deepspeed  # noqa: F401
+    import deepspeed.comm as ds_dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    comm_torch = sys.modules.get("deepspeed.comm.torch")
+    if not use_shm_comm and comm_torch is not None and hasattr(comm_torch, "build_shm_op"):
+        comm_torch.build_shm_op = lambda: None
+    if getattr(DeepSpeedEngine, "_clipforge_patched", False):
+        return
+    original = DeepSpeedEngine._broadcast_model
+
+    def broadcast_model(self):
+        scalars = [p for p in self.module.parameters() if p.dim() == 0]
+        for p in scalars:
+            p.data = p.data.reshape(1)
+        try:
+            original(self)
+        finally:
+            for p in scalars:
+                p.data = p.data.reshape(())
+
+    original_init_param = Init._zero_init_param
+
+    def zero_init_param(self, param):
+        if param.dim() != 0:
+            return original_init_param(self, param)
+        self._convert_to_deepspeed_param(param)
+        group = self.get_partition_dp_group(param)
+        src = 0 if ds_dist.get_world_group() == group else ds_dist.get_global_rank(group, 0)
+        ds_dist.broadcast(param.data.reshape(1).view(torch.uint8), src, group)  # a view: fills param.data
+        param.partition()
+
+    DeepSpeedEngine._broadcast_model = broadcast_model
+    Init._zero_init_param = zero_init_param
+    DeepSpeedEngine._clipforge_patched = True
+
+
+def init_distributed(cfg: "TrainConfig") -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU). -> (rank, local_rank, world)."""
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(os.environ.get("CLIPFORGE_DS_LOG_LEVEL", "WARNING"))
+    _patch_deepspeed(cfg.ds_shm_comm)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_engine(model: nn.Module, cfg: "TrainConfig", ds_config: dict, total_steps: int):
+    """-> (engine, lr_scheduler). Linear warmup to cfg.lr, then cosine decay to 0 over the remaining steps."""
+    import math
+
+    import deepspeed
+
+    warmup = max(0, min(cfg.warmup, total_steps - 1))
+
+    def lr_lambda(step: int) -> float:  # multiplier of cfg.lr for optimizer step `step` (0-based)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def make_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.weight_decay),
+        lr_scheduler=make_scheduler,
+        config=ds_config,
+    )
+    return engine, scheduler
+
+
+def full_fp32_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 weights on every rank (a collective: ALL ranks must call it).
+
+    Under bf16 the module holds bf16 copies; the fp32 master weights live, partitioned, in the ZeRO optimizer.
+    deepspeed.utils.safe_get_full_fp32_param assembles them (ZeRO 1/2/3); parameters it does not manage fall back
+    to the (gathered, for ZeRO-3) module weights.
+    """
+    import contextlib
+
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is None:
+            gather = deepspeed.zero.GatheredParameters([p]) if zero_stage == 3 else contextlib.nullcontext()
+            with gather:
+                full = p.detach()
+        state[name] = full.detach().float().cpu().clone()
+    for name, b in engine.module.named_buffers():
+        state[name] = b.detach().cpu().clone()
+    return state

@@ -1,0 +1,73 @@
+"""Image preprocessing for CLIP (PIL + torch only; no torchvision dependency).
+
+eval:  RGB -> bicubic resize of the short side to S -> center crop S x S -> [0,1] tensor -> CLIP mean/std.
+train: RGB -> random resized crop (area 90-100%, aspect 3/4-4/3) to S x S, bicubic -> tensor -> mean/std.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent -> white
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # [S, S, 3] uint8
+    x = x.permute(2, 0, 1).float().div_(255.0)  # [3, S, S] in [0, 1]
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop(
+    img: Image.Image, size: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), rng: random.Random | None = None
+) -> Image.Image:
+    rng = rng or random
+    w, h = img.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
+    return resize_center_crop(img, size)  # fallback for extreme aspect ratios
+
+
+def image_transform(image_size: int, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """-> fn(PIL image) -> FloatTensor[3, image_size, image_size] normalised with the CLIP mean/std."""
+
+    def eval_fn(img: Image.Image) -> torch.Tensor:
+        return _to_tensor(resize_center_crop(_to_rgb(img), image_size))
+
+    def train_fn(img: Image.Image) -> torch.Tensor:
+        return _to_tensor(random_resized_crop(_to_rgb(img), image_size))
+
+    return train_fn if train else eval_fn
