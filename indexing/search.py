@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,7 +145,8 @@ def format_hits(query: str, hits: list[Hit]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m indexing.search", description="Text-to-image search.")
     p.add_argument("queries", nargs="+", help="one or more text queries")
-    p.add_argument("--index", required=True, help="INDEX_DIR written by indexing.build")
+    p.add_argument("--index", default=os.path.join("demo", "index"),
+                   help="INDEX_DIR written by indexing.build (default: demo/index, the one `make demo` builds)")
     p.add_argument("--k", type=int, default=5, help="results per query")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     p.add_argument("--device", default="cpu")

@@ -28,6 +28,10 @@ def ray_cluster(tmp_path, free_port):
     cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--temp-dir", str(temp),
            "--num-cpus", "2", "--disable-usage-stats", "--include-dashboard", "true"]
+    # Ray's fixed default ports (agent 52365, client 10001, ...) clash with any other Ray on the machine.
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--ray-client-server-port", "--runtime-env-agent-port"):
+        cmd += [flag, str(free_port())]
     head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "ray-head.log", "w"))
     api = f"http://127.0.0.1:{dash}"
@@ -60,11 +64,14 @@ def test_crawl_runs_as_a_ray_job(ray_cluster, tmp_path, free_port):
     server = sampleweb.serve(tmp_path / "web", cfg.port)
     try:
         out = tmp_path / "crawl"
-        job = subprocess.run(
-            [str(bin_dir / "ray"), "job", "submit", "--address", api, "--submission-id", f"crawl-{cfg.port}",
-             "--working-dir", str(ROOT), "--", "python", "-m", "pipeline.crawl", str(tmp_path / "web" / "urls.parquet"),
-             str(out), "--samples-per-shard", "100"],
-            env=env, capture_output=True, text=True, timeout=300)
+        cmd = [str(bin_dir / "ray"), "job", "submit", "--address", api, "--submission-id", f"crawl-{cfg.port}",
+               "--working-dir", str(ROOT), "--", "python", "-m", "pipeline.crawl",
+               str(tmp_path / "web" / "urls.parquet"), str(out), "--samples-per-shard", "100"]
+        for _ in range(30):  # the job API answers before the head's agent has registered: retry that case only
+            job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
     finally:
         server.shutdown()
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
