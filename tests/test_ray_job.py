@@ -50,7 +50,7 @@ def ray_cluster(tmp_path, free_port):
     finally:  # stop only this cluster: its whole process group, never a machine-wide `ray stop`
         try:
             os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=30)
+            head.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
