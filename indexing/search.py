@@ -125,6 +125,10 @@ class Searcher:
             out.append(hits)
         return out
 
+    def image_path(self, hit: Hit) -> str:
+        """Where the image lives: SHARDS_DIR/shard-00000.tar#KEY.jpg."""
+        return f"{self.shards_dir / hit.shard}#{hit.image.split('#', 1)[1]}"
+
     def image_bytes(self, hit: Hit) -> bytes:
         """Original jpg bytes of a hit, read straight from the shard tar (one seek + read)."""
         with open(self.shards_dir / hit.shard, "rb") as f:
@@ -135,10 +139,10 @@ class Searcher:
         return data
 
 
-def format_hits(query: str, hits: list[Hit]) -> str:
+def format_hits(query: str, hits: list[Hit], where=lambda h: h.image) -> str:
     lines = [f"query: {query}"]
     for h in hits:
-        lines.append(f"  {h.rank}. {h.score:.4f}  {h.caption}  {h.image}")
+        lines.append(f"  {h.rank}. {h.score:.4f}  {h.caption}  {where(h)}")
     return "\n".join(lines)
 
 
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([{"query": q, "hits": [asdict(h) for h in hits]} for q, hits in zip(a.queries, results)],
                          ensure_ascii=False, indent=2))
     else:
-        print("\n\n".join(format_hits(q, hits) for q, hits in zip(a.queries, results)))
+        print("\n\n".join(format_hits(q, hits, searcher.image_path) for q, hits in zip(a.queries, results)))
     return 0
 
 

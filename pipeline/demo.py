@@ -110,7 +110,7 @@ def run(cfg: DemoConfig) -> dict:
     for q, hits in zip(cfg.queries, results):
         print(f'\n"{q}"')
         for h in hits:
-            print(f"  {h.rank}. {h.score:.4f}  {h.caption:<40.40}  {h.image}")
+            print(f"  {h.rank}. {h.score:.4f}  {h.caption:<40.40}  {searcher.image_path(h)}")
     html = write_html(searcher, cfg.queries, cfg.k, w / "results.html")
     timings["total"] = round(time.time() - t_start, 1)
 

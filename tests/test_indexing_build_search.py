@@ -146,7 +146,7 @@ def test_search_sorted_and_exact_cosine(env, searcher):
 def test_search_cli(env, capsys):
     assert isearch.main(["a red apple", "a dog", "--index", str(env["out"]), "--k", "3"]) == 0
     out = capsys.readouterr().out
-    ranked = [l for l in out.splitlines() if re.match(r"^\s+\d+\. -?\d\.\d{4}  .+  shard-\d{5}\.tar#\d{9}\.jpg$", l)]
+    ranked = [l for l in out.splitlines() if re.match(r"^\s+\d+\. -?\d\.\d{4}  .+  /.+/shard-\d{5}\.tar#\d{9}\.jpg$", l)]
     assert len(ranked) == 6
     assert "a red apple" in out.splitlines()[0]
 
