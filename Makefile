@@ -3,8 +3,8 @@ PYTHON     ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.clipforge-installed
-# The CPU wheel on laptops / CI; on GPU machines: make TORCH_SPEC="torch==2.14.1" (CUDA build from PyPI).
-TORCH_SPEC ?= torch==2.13.0
+# torch + torchvision first (torchvision is a test-only peer, needed by open_clip); CUDA builds also run on CPU.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 DEMO_ARGS  ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -13,7 +13,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
