@@ -40,7 +40,7 @@ INDEX_FILE, META_FILE, INFO_FILE = "image.index", "metadata.parquet", "index.jso
 @dataclass
 class IndexConfig:
     shards: str = ""                 # SHARDS_DIR (manifest.json + shard-*.tar)
-    checkpoint: str = ""             # CKPT_DIR written by trainer.checkpoint.save_model
+    checkpoint: str = ""             # CKPT_DIR from save_model, or an OpenAI/open_clip/HF checkpoint (load_pretrained)
     out: str = ""                    # INDEX_DIR
     batch_size: int = 64             # images per forward pass
     factory: str = "auto"            # "auto" or any faiss index_factory string ("Flat", "IVF256,Flat", "HNSW32", ...)
@@ -321,8 +321,8 @@ def build(cfg: IndexConfig) -> dict:
     t0 = time.time()
     shards_dir, ckpt = Path(cfg.shards).resolve(), Path(cfg.checkpoint).resolve()
     tars = list_shards(shards_dir)
-    if not ckpt.is_dir() or not (ckpt / "config.json").is_file():
-        raise BuildError(f"checkpoint not found: {ckpt} (expected a dir with config.json + model.safetensors)")
+    if not ckpt.exists():  # a clipforge dir, or an OpenAI / open_clip / Hugging Face weights file or folder
+        raise BuildError(f"checkpoint not found: {ckpt}")
     from trainer.checkpoint import load_pretrained  # public trainer API only
 
     torch.manual_seed(cfg.seed)
@@ -370,7 +370,7 @@ def parse_args(argv: list[str] | None) -> IndexConfig:
     d = IndexConfig()
     p = argparse.ArgumentParser(prog="python -m indexing.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", required=True, help="SHARDS_DIR with manifest.json and shard tars")
-    p.add_argument("--checkpoint", required=True, help="CKPT_DIR (model.safetensors + config.json)")
+    p.add_argument("--checkpoint", required=True, help="CKPT_DIR (model.safetensors + config.json) or an OpenAI / open_clip / HF checkpoint")
     p.add_argument("--out", required=True, help="INDEX_DIR to write")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--factory", default=d.factory, help='"auto" or a faiss index_factory string')

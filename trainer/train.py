@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 return launch(cfg, argv)
             with _single_process_env():
                 train(cfg)
-    except (DataError, ValueError, KeyError) as e:
+    except (DataError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"[trainer] error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
