@@ -148,3 +148,14 @@ def test_single_process_run_in_this_process(tmp_path):
     assert summary["world_size"] == 1 and summary["steps"] == 2
     assert not torch.distributed.is_initialized()  # the process group is torn down again
     assert "WORLD_SIZE" not in os.environ and "LOCAL_RANK" not in os.environ  # env restored
+
+
+def test_patch_dropout_and_augment_flags(tmp_path):
+    shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=16)
+    out = tmp_path / "run"
+    assert main(["--shards", str(shards), "--out", str(out), "--preset", "tiny", "--steps", "2", "--nproc", "1",
+                 "--patch-dropout", "0.5", "--aug-scale", "0.5", "1.0"]) == 0
+    resolved = json.loads((out / "train_config.json").read_text())
+    assert resolved["patch_dropout"] == 0.5 and resolved["aug_scale"] == [0.5, 1.0]
+    assert resolved["model_config"]["vision"]["patch_dropout"] == 0.5
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2

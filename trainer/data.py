@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from trainer.tokenizer import tokenize
-from trainer.transform import image_transform
+from trainer.transform import TrainAugment, image_transform
 
 log = logging.getLogger("clipforge.trainer.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -156,7 +156,7 @@ def _batch(batch_size: int, stats: _Stats):
 
 def make_pipeline(
     shards: ShardSet, image_size: int, context_length: int, batch_size: int, seed: int = 0, rank: int = 0,
-    shuffle_buffer: int = 1000,
+    shuffle_buffer: int = 1000, augment: TrainAugment | None = None,
 ) -> wds.DataPipeline:
     stats = _Stats()
     return wds.DataPipeline(
@@ -164,17 +164,17 @@ def make_pipeline(
         wds.tarfile_to_samples(handler=stats.handler),
         _count_raw(stats),
         wds.shuffle(shuffle_buffer, initial=min(100, shuffle_buffer), rng=random.Random(f"shuffle-{seed}-{rank}")),
-        _decode(image_transform(image_size, train=True), context_length, stats, 2 * shards.num_samples + 100),
+        _decode(image_transform(image_size, train=True, augment=augment), context_length, stats, 2 * shards.num_samples + 100),
         _batch(batch_size, stats),
     )
 
 
 def train_batches(
     shards: ShardSet, image_size: int, context_length: int, batch_size: int, seed: int = 0, rank: int = 0,
-    workers: int = 0, shuffle_buffer: int = 1000,
+    workers: int = 0, shuffle_buffer: int = 1000, augment: TrainAugment | None = None,
 ):
     """Endless iterator of (images [B,3,S,S] float, tokens [B,ctx] long, skipped_since_last_batch int)."""
-    pipeline = make_pipeline(shards, image_size, context_length, batch_size, seed, rank, shuffle_buffer)
+    pipeline = make_pipeline(shards, image_size, context_length, batch_size, seed, rank, shuffle_buffer, augment)
     if workers <= 0:
         return iter(pipeline)
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=True)

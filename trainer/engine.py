@@ -111,6 +111,14 @@ def _patch_deepspeed(use_shm_comm: bool) -> None:
     DeepSpeedEngine._clipforge_patched = True
 
 
+def destroy_distributed() -> None:
+    """Tear down the process group through DeepSpeed, which also drops its cached group handles (so a second
+    run in the same process, e.g. in tests or a notebook, starts clean)."""
+    import deepspeed.comm as ds_dist
+
+    ds_dist.destroy_process_group()
+
+
 def init_distributed(cfg: "TrainConfig") -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU). -> (rank, local_rank, world)."""
     import deepspeed

@@ -1,12 +1,14 @@
 """Image preprocessing for CLIP (PIL + torch only; no torchvision dependency).
 
 eval:  RGB -> bicubic resize of the short side to S -> center crop S x S -> [0,1] tensor -> CLIP mean/std.
-train: RGB -> random resized crop (area 90-100%, aspect 3/4-4/3) to S x S, bicubic -> tensor -> mean/std.
+train: RGB -> random resized crop (TrainAugment: area 90-100%, aspect 3/4-4/3 by default) to S x S, bicubic
+       -> tensor -> mean/std. The eval path matches OpenAI's / open_clip's preprocessing tensor for tensor.
 """
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -36,12 +38,16 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Short side -> size (long side truncated, as OpenAI's / open_clip's preprocessing does), then the centre
+    size x size crop with the same rounding of the offsets, so tensors match theirs exactly."""
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
 
@@ -61,13 +67,23 @@ def random_resized_crop(
     return resize_center_crop(img, size)  # fallback for extreme aspect ratios
 
 
-def image_transform(image_size: int, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+@dataclass
+class TrainAugment:
+    """Training augmentation. The CLIP paper uses only a random square crop of the resized image; the defaults
+    here are a mild random resized crop."""
+    scale: tuple[float, float] = (0.9, 1.0)  # fraction of the image area kept by the crop
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range
+
+
+def image_transform(image_size: int, train: bool = False,
+                    augment: TrainAugment | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """-> fn(PIL image) -> FloatTensor[3, image_size, image_size] normalised with the CLIP mean/std."""
+    aug = augment or TrainAugment()
 
     def eval_fn(img: Image.Image) -> torch.Tensor:
         return _to_tensor(resize_center_crop(_to_rgb(img), image_size))
 
     def train_fn(img: Image.Image) -> torch.Tensor:
-        return _to_tensor(random_resized_crop(_to_rgb(img), image_size))
+        return _to_tensor(random_resized_crop(_to_rgb(img), image_size, scale=aug.scale, ratio=aug.ratio))
 
     return train_fn if train else eval_fn
