@@ -13,7 +13,7 @@ ZWJ/skin tones, curly quotes). Each variant tokenizes all N captions with tokeni
                       this gains nothing: encode_batch's per-Encoding overhead eats the second core)
 * fast, no memo     : (--no-memo-variant) memo_size=0, 1 thread - every chunk goes through the Rust BPE
 * open_clip         : open_clip.get_tokenizer("ViT-B-32") on the first --open-clip-n captions, extrapolated
-                      linearly to N (it is ~100x slower); ids are compared with clipforge's on that subset.
+                      linearly to N (it is ~3x slower); ids are compared with clipforge's on that subset.
 
 Measured on the 2-core dev box (Python 3.11, tokenizers 0.23.3, open_clip 3.3.0; other jobs were running, so
 wall > cpu), N = 1,000,000, memo miss rate 2.0%:
