@@ -14,6 +14,7 @@ import torch
 from trainer.model import CLIP, PRESETS, CLIPConfig, VisionConfig, get_config, load_config_file
 from trainer.parallel import apply_activation_checkpointing
 from trainer.tokenizer import tokenize
+from helpers import loss_and_grads
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -161,16 +162,6 @@ def test_resnet_structure_and_parameter_count():
 
 
 # ------------------------------------------------------------------------------------------- checkpointing
-def _loss_and_grads(model, images, tokens):
-    img, txt, scale = model(images, tokens)
-    logits = scale * img @ txt.T
-    labels = torch.arange(len(img))
-    loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
-    model.zero_grad()
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("name", ["tiny", "small-resnet"])
 def test_activation_checkpointing_same_loss_grads_and_running_stats(name):
     cfg = small_resnet_config() if name == "small-resnet" else get_config("tiny")
@@ -186,8 +177,8 @@ def test_activation_checkpointing_same_loss_grads_and_running_stats(name):
     g = torch.Generator().manual_seed(1)
     images = torch.randn(4, 3, 64, 64, generator=g)
     tokens = tokenize([f"a photo of {i} dogs" for i in range(4)], context_length=32)
-    loss_a, grads_a = _loss_and_grads(ref, images, tokens)
-    loss_b, grads_b = _loss_and_grads(ckpt, images, tokens)
+    loss_a, grads_a = loss_and_grads(ref, images, tokens)
+    loss_b, grads_b = loss_and_grads(ckpt, images, tokens)
     torch.testing.assert_close(loss_a, loss_b)
     for n in grads_a:
         torch.testing.assert_close(grads_a[n], grads_b[n], msg=n)

@@ -10,6 +10,7 @@ from trainer.model import CLIP, CLIPConfig, PRESETS, get_config
 from trainer.parallel import apply_activation_checkpointing
 from trainer.tokenizer import tokenize
 from trainer.transform import image_transform
+from helpers import loss_and_grads
 
 
 def tiny_model(seed=0):
@@ -85,16 +86,6 @@ def test_config_round_trip():
         get_config("nope")
 
 
-def _loss_and_grads(model, images, tokens):
-    img, txt, scale = model(images, tokens)
-    logits = scale * img @ txt.T
-    labels = torch.arange(len(img))
-    loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
-    model.zero_grad()
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def test_activation_checkpointing_same_loss_grads_and_keys():
     images, tokens = batch()
     ref = tiny_model()
@@ -103,8 +94,8 @@ def test_activation_checkpointing_same_loss_grads_and_keys():
     assert apply_activation_checkpointing(ckpt) == 8
     assert apply_activation_checkpointing(ckpt) == 0  # idempotent
     assert list(ckpt.state_dict()) == keys
-    loss_a, grads_a = _loss_and_grads(ref, images, tokens)
-    loss_b, grads_b = _loss_and_grads(ckpt, images, tokens)
+    loss_a, grads_a = loss_and_grads(ref, images, tokens)
+    loss_b, grads_b = loss_and_grads(ckpt, images, tokens)
     torch.testing.assert_close(loss_a, loss_b)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
