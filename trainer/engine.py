@@ -60,9 +60,25 @@ def build_ds_config(cfg: "TrainConfig", world_size: int) -> dict:
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": False},
     }
+    if cfg.precision == "fp16":  # dynamic loss scaling (loss_scale 0), starting at 2**16
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
     if cfg.zero == 3:
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": True})
     return ds
+
+
+def check_precision(precision: str) -> None:
+    """ValueError if the accelerator DeepSpeed picked here cannot train in `precision` (fp16 on most CPUs)."""
+    if precision not in ("fp16", "bf16"):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = acc.is_fp16_supported() if precision == "fp16" else acc.is_bf16_supported()
+    if not supported:
+        raise ValueError(f"--precision {precision} is not supported by DeepSpeed's {acc.device_name()} accelerator "
+                         f"on this machine (use fp32 or bf16 on CPU; fp16 needs a GPU)")
 
 
 def _patch_deepspeed(use_shm_comm: bool) -> None:
@@ -72,6 +88,11 @@ def _patch_deepspeed(use_shm_comm: bool) -> None:
        when the comm backend is created. Plain gloo is enough for clipforge, so it is skipped unless asked for.
     2. DeepSpeedEngine._broadcast_model and (ZeRO-3) Init._zero_init_param broadcast `p.data.view(torch.uint8)`,
        which fails for 0-dim parameters such as CLIP's logit_scale; they are broadcast as 1-element views instead.
+    3. ZeRO stage 0 in fp32 clips gradients with deepspeed.runtime.utils.clip_grad_norm_, whose in-place
+       `grad.mul_(clip_coef)` with a [1]-shaped coefficient fails on 0-dim parameters (logit_scale, SigLIP's
+       logit_bias), and it drops the norm (get_global_grad_norm() stays None). Replaced by torch's
+       clip_grad_norm_ (same formula: coef = max_norm / (norm + 1e-6), capped at 1; gradients are already
+       all-reduced, so the local norm is the global one), and the norm is recorded.
     """
     import deepspeed  # noqa: F401
     import deepspeed.comm as ds_dist
@@ -106,7 +127,14 @@ def _patch_deepspeed(use_shm_comm: bool) -> None:
         ds_dist.broadcast(param.data.reshape(1).view(torch.uint8), src, group)  # a view: fills param.data
         param.partition()
 
+    def clip_fp32_gradients(self):
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.gradient_clipping(), foreach=False)
+        self._global_grad_norm = float(norm)
+        return norm
+
     DeepSpeedEngine._broadcast_model = broadcast_model
+    DeepSpeedEngine.clip_fp32_gradients = clip_fp32_gradients
     Init._zero_init_param = zero_init_param
     DeepSpeedEngine._clipforge_patched = True
 

@@ -1,16 +1,33 @@
-"""CLIP's symmetric contrastive loss, distributed as a "local loss" over gathered features.
+"""Contrastive losses (CLIP's softmax and SigLIP's sigmoid), distributed as "local losses" over gathered features,
+and the feature cache that makes gradient accumulation contrastive-aware.
 
 Every rank holds b pairs. Features are all-gathered WITH gradient (GatherWithGrad below: same semantics as
 torch.distributed.nn.functional.all_gather, which torch 2.13 deprecates; its backward sums every rank's gradient
 for a slice back to the slice's owner), and each rank scores its own b rows against all
 W*b columns. The positives of rank r sit at columns r*b .. r*b+b-1. With the data-parallel gradient average over
 ranks this yields exactly the gradient of the single-process full-batch loss, at O(b * W*b) memory per rank.
+
+Gradient accumulation over N micro-batches (trainer.train.train_step) first computes every micro-batch's
+features without grad and gathers them once (FeatureCache, [W, N, b, E], no grad). Micro-batch i is then re-run
+with grad; its fresh features replace slot i of the cache on every rank (fresh slots are gathered with grad), so
+each rank scores its N*b local rows against all W*N*b columns. Summing the N backward passes gives exactly the
+gradient of the full W*N*b-sample loss (each pass carries the gradient through slot i only), so the per-micro
+losses must NOT be divided by N (train_step hands DeepSpeed loss * N, which it divides by N). The loss's own scalars
+(logit_scale, SigLIP's logit_bias) enter every pass with the whole loss behind them, so their gradient is scaled
+by 1/N on the way back (FeatureCache.shared): summed over the N passes it is their full-batch gradient once,
+not N times.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("clip", "siglip")
 
 
 def _world() -> tuple[int, int]:
@@ -45,6 +62,40 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return GatherWithGrad.apply(x)
 
 
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on every rank -> [W, b, ...] (rank order), no autograd."""
+    _, world = _world()
+    if world == 1:
+        return x.unsqueeze(0)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts, dim=0)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def _clip_logits_loss(img, txt, all_img, all_txt, logit_scale, offset):
+    """Rows: this rank's n pairs; columns: all M pairs; positives of row k at column offset + k."""
+    labels = torch.arange(img.shape[0], device=img.device) + offset
+    logits_per_image = logit_scale * img @ all_txt.T  # [n, M]
+    logits_per_text = logit_scale * txt @ all_img.T  # [n, M]
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def _siglip_logits_loss(img, all_txt, logit_scale, logit_bias, offset):
+    """Sigmoid loss (Zhai et al., 2023): every (image, text) pair is a binary problem, +1 on the diagonal.
+
+    Normalised by this rank's row count n, so the mean over ranks is the full-batch loss
+    -1/|B| sum_ij log sigmoid(z_ij (t x_i.y_j + b)).
+    """
+    n = img.shape[0]
+    logits = logit_scale * img @ all_txt.T + logit_bias  # [n, M]
+    signs = -torch.ones_like(logits)
+    rows = torch.arange(n, device=img.device)
+    signs[rows, rows + offset] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / n
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy. Inputs: L2-normalised [b, E] features of this rank, scalar logit scale.
 
@@ -55,7 +106,124 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     all_image = gather_with_grad(image_features)  # [W*b, E]
     all_text = gather_with_grad(text_features)  # [W*b, E]
     b = image_features.shape[0]
-    labels = torch.arange(b, device=image_features.device) + rank * b  # [b] positives in global columns
-    logits_per_image = logit_scale * image_features @ all_text.T  # [b, W*b]
-    logits_per_text = logit_scale * text_features @ all_image.T  # [b, W*b]
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return _clip_logits_loss(image_features, text_features, all_image, all_text, logit_scale.float(), rank * b)
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor) -> torch.Tensor:
+    """Sigmoid loss of this rank's b images against all W*b (gathered with grad) texts.
+
+    Returns this rank's loss (sum over its b rows and all columns, / b); averaging it over ranks gives the
+    single-process full-batch sigmoid loss, and the data-parallel gradient average gives its gradient.
+    """
+    rank, _ = _world()
+    image_features, text_features = image_features.float(), text_features.float()
+    all_text = gather_with_grad(text_features)  # [W*b, E]
+    b = image_features.shape[0]
+    return _siglip_logits_loss(image_features, all_text, logit_scale.float(), logit_bias.float(), rank * b)
+
+
+# ------------------------------------------------------------------------------------------ accumulation
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+@dataclass
+class FeatureCache:
+    """No-grad features of all N micro-batches of one accumulated step on all W ranks, and the fresh slot.
+
+    image, text: [W, N, b, E] (float32, rank-major: global column of (rank r, micro j, row k) = (r*N + j)*b + k).
+    """
+
+    image: torch.Tensor
+    text: torch.Tensor
+    index: int = 0
+
+    @classmethod
+    def build(cls, image_features: list[torch.Tensor], text_features: list[torch.Tensor]) -> "FeatureCache":
+        """From this rank's per-micro-batch features ([b, E] each): one all_gather each (a collective)."""
+        img = gather_no_grad(torch.stack([f.detach().float() for f in image_features]))  # [W, N, b, E]
+        txt = gather_no_grad(torch.stack([f.detach().float() for f in text_features]))
+        return cls(img, txt)
+
+    @property
+    def num_micro(self) -> int:
+        return self.image.shape[1]
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """A loss scalar used in all N passes (logit_scale, logit_bias): identity forward, gradient / N."""
+        return _ScaleGrad.apply(x, 1.0 / self.num_micro)
+
+    def at(self, index: int) -> "FeatureCache":
+        return FeatureCache(self.image, self.text, index)
+
+    def splice(self, fresh: torch.Tensor, cached: torch.Tensor, need_global: bool):
+        """fresh [b, E] (with grad) -> (local rows [N*b, E], global columns [W*N*b, E] or None, row offset)."""
+        rank, world = _world()
+        W, N, b, E = cached.shape
+        assert fresh.shape == (b, E), f"micro-batch features {tuple(fresh.shape)} != cached {(b, E)}"
+        i = self.index
+        local = torch.cat([cached[rank, :i].reshape(-1, E), fresh, cached[rank, i + 1 :].reshape(-1, E)])
+        glob = None
+        if need_global:
+            fresh_all = gather_with_grad(fresh).view(W, 1, b, E)  # every rank's fresh slot i, with grad
+            glob = torch.cat([cached[:, :i], fresh_all, cached[:, i + 1 :]], dim=1).reshape(W * N * b, E)
+        return local, glob, rank * N * b
+
+
+class ContrastiveLoss(nn.Module):
+    """Base: a loss as a module, so loss-side parameters live in the DeepSpeed engine next to the model's."""
+
+    name = ""
+
+    def forward(self, image_features, text_features, logit_scale, cache: FeatureCache | None = None):
+        raise NotImplementedError
+
+
+class ClipLoss(ContrastiveLoss):
+    name = "clip"
+
+    def forward(self, image_features, text_features, logit_scale, cache: FeatureCache | None = None):
+        if cache is None:
+            return clip_loss(image_features, text_features, logit_scale)
+        img, all_img, offset = cache.splice(image_features.float(), cache.image, need_global=True)
+        txt, all_txt, _ = cache.splice(text_features.float(), cache.text, need_global=True)
+        return _clip_logits_loss(img, txt, all_img, all_txt, cache.shared(logit_scale.float()), offset)
+
+
+class SigLipLoss(ContrastiveLoss):
+    """Sigmoid loss with a learnable bias. The bias is this module's parameter (the CLIP model file is unchanged);
+    trainer.train wraps model + loss in one module so DeepSpeed's optimizer (and ZeRO partitioning) owns it.
+    SigLIP initialises t' = log 10 (the model's logit_scale; trainer.train sets it) and b = -10."""
+
+    name = "siglip"
+
+    def __init__(self, init_bias: float = -10.0):
+        super().__init__()
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
+
+    def forward(self, image_features, text_features, logit_scale, cache: FeatureCache | None = None):
+        if cache is None:
+            return siglip_loss(image_features, text_features, logit_scale, self.logit_bias)
+        img, _, offset = cache.splice(image_features.float(), cache.image, need_global=False)
+        _, all_txt, _ = cache.splice(text_features.float(), cache.text, need_global=True)
+        scale, bias = cache.shared(logit_scale.float()), cache.shared(self.logit_bias.float())
+        return _siglip_logits_loss(img, all_txt, scale, bias, offset)
+
+
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+
+
+def make_loss(name: str) -> ContrastiveLoss:
+    if name == "clip":
+        return ClipLoss()
+    if name == "siglip":
+        return SigLipLoss()
+    raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {name!r}")
