@@ -18,7 +18,7 @@ _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @contextlib.contextmanager
-def _frozen_batchnorm_stats(module: nn.Module):
+def frozen_batchnorm_stats(module: nn.Module):
     """The backward-time recomputation of a block re-runs its training-mode BatchNorms, which would update
     running_mean / running_var / num_batches_tracked a second time. Point those buffers at throwaway copies for
     the recomputation and put the real ones back after: the recomputed outputs are identical (batch statistics
@@ -55,7 +55,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
             inner = module.forward  # the bound original forward
 
             def context_fn(_module=module):
-                return contextlib.nullcontext(), _frozen_batchnorm_stats(_module)  # (forward, recompute)
+                return contextlib.nullcontext(), frozen_batchnorm_stats(_module)  # (forward, recompute)
 
             @functools.wraps(inner)
             def forward(*args, _inner=inner, _context_fn=context_fn, **kwargs):

@@ -37,7 +37,7 @@ from trainer.checkpoint import save_model
 from trainer.data import DataError, read_shards, train_batches
 from trainer.loss import LOSSES, SIGLIP_INIT_LOGIT_SCALE, ContrastiveLoss, FeatureCache, make_loss
 from trainer.model import CLIP, get_config
-from trainer.parallel import _frozen_batchnorm_stats, apply_activation_checkpointing
+from trainer.parallel import frozen_batchnorm_stats, apply_activation_checkpointing
 from trainer.transform import TrainAugment
 
 
@@ -255,7 +255,7 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -
         return loss.detach(), logit_scale.detach()
 
     rng_states, image_features, text_features = [], [], []
-    with torch.no_grad(), _frozen_batchnorm_stats(engine.module):
+    with torch.no_grad(), frozen_batchnorm_stats(engine.module):
         for images, tokens in micro_batches:
             rng_states.append(_get_rng())
             img, txt, _ = engine(images, tokens, features_only=True)
