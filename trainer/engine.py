@@ -27,9 +27,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
+    # ZeRO packs each group into one flat buffer in this order. A tensor whose size is not a multiple of 8 elements
+    # (logit_scale, logit_bias) leaves every later view misaligned, and cuBLASLt then falls back to slow kernels for
+    # every bias matmul (measured on an H100: 0.5x the samples/s of open_clip). Keep those tensors at the end.
+    aligned_first = lambda params: sorted(params, key=lambda p: p.numel() % 8 != 0)  # noqa: E731 (stable sort)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": aligned_first(decay), "weight_decay": weight_decay},
+        {"params": aligned_first(no_decay), "weight_decay": 0.0},
     ]
 
 
