@@ -1,20 +1,15 @@
 import os
-import socket
 
 import pytest
+
+import helpers
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def free_port():
-    return _free_port
+    return helpers.free_port
 
 
 @pytest.fixture(scope="session")

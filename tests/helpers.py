@@ -1,5 +1,7 @@
 """Shared test helpers (importable from the tests: pytest puts tests/ on sys.path)."""
 
+import socket
+
 import torch
 
 
@@ -12,3 +14,10 @@ def loss_and_grads(model, images, tokens):
     model.zero_grad()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for MASTER_PORT of spawned gloo ranks, test servers, ...)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

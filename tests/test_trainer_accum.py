@@ -8,7 +8,6 @@
 """
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from trainer.loss import ClipLoss, FeatureCache, SigLipLoss, siglip_loss
 from trainer.model import CLIP, get_config
 from trainer.tokenizer import tokenize
 from trainer.train import TrainConfig, make_train_module, train_step
+from helpers import free_port
 
 N, WORLD = 8, 2
 
@@ -35,12 +35,6 @@ def _data(n=N, seed=1):
     images = torch.randn(n, 3, 64, 64, generator=g)
     tokens = tokenize([f"caption number {i} of batch {seed}" for i in range(n)], 32)
     return images, tokens
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loss_module(name):
@@ -103,7 +97,7 @@ def _rank_main(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("accum")
-    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return torch.load(out / "dist.pt")
 
 

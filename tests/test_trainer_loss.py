@@ -1,6 +1,5 @@
 """The distributed local loss (2 gloo ranks) equals the single-process full-batch loss, gradients included."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -9,6 +8,7 @@ import torch.multiprocessing as mp
 from trainer.loss import clip_loss
 from trainer.model import CLIP, get_config
 from trainer.tokenizer import tokenize
+from helpers import free_port
 
 N, WORLD = 8, 2
 
@@ -23,12 +23,6 @@ def _data():
     images = torch.randn(N, 3, 64, 64, generator=g)
     tokens = tokenize([f"caption number {i}" for i in range(N)], 32)
     return images, tokens
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank, port, out_dir):
@@ -56,7 +50,7 @@ def _rank_main(rank, port, out_dir):
 
 
 def test_two_rank_loss_and_grads_equal_full_batch(tmp_path):
-    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "dist.pt")
 
     model = _model()

@@ -7,7 +7,6 @@ rtol 1e-4 (losses, grad norms) and rtol 1e-4 / atol 1e-5 (weights).
 """
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from trainer.engine import build_ds_config
 from trainer.model import CLIP, get_config
 from trainer.tokenizer import tokenize
 from trainer.train import TrainConfig, main, make_train_module, train_step
+from helpers import free_port
 
 WORLD, STEPS, PER_RANK = 2, 4, 4
 # (loss, zero stage, grad checkpointing, grad accum): the first row of each loss is its reference
@@ -32,12 +32,6 @@ RUNS = [
     ("siglip", 2, True, 2),
     ("siglip", 3, True, 1),
 ]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(step, rank):
@@ -97,7 +91,7 @@ def _rank_main(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def zero_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero")
-    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return torch.load(out / "zero.pt")
 
 
