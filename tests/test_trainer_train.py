@@ -1,16 +1,11 @@
 """Data pipeline and end-to-end DeepSpeed training on tiny synthetic shards (CPU, gloo)."""
-import hashlib
-import io
 import json
 import math
 import os
 import time
 
-import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from PIL import Image
 
 from trainer.checkpoint import load_model
 from trainer.data import DataError, read_shards, train_batches
@@ -18,30 +13,7 @@ from trainer.engine import build_ds_config, param_groups
 from trainer.model import CLIP, get_config
 from trainer.train import TrainConfig, main
 
-
-def write_shards(root, n_shards=2, per_shard=32, size=64, corrupt_keys=(), manifest=True):
-    """Shards in the clipforge.shards.v1 format: {key}.jpg / .txt / .json per sample + manifest.json."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    shards, k = [], 0
-    for s in range(n_shards):
-        name = f"shard-{s:05d}.tar"
-        with wds.TarWriter(str(root / name)) as w:
-            for _ in range(per_shard):
-                key = f"{k:09d}"
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
-                jpg = b"\xff\xd8 definitely not a jpeg" if k in corrupt_keys else buf.getvalue()
-                caption = f"a photo of object number {k}"
-                meta = {"key": key, "url": f"http://example.com/{key}.jpg", "caption": caption,
-                        "width": size, "height": size, "sha256": hashlib.sha256(jpg).hexdigest()}
-                w.write({"__key__": key, "jpg": jpg, "txt": caption, "json": json.dumps(meta)})
-                k += 1
-        shards.append({"tar": name, "parquet": name.replace(".tar", ".parquet"), "num_samples": per_shard})
-    if manifest:
-        (root / "manifest.json").write_text(json.dumps(
-            {"format": "clipforge.shards.v1", "num_samples": k, "shards": shards}))
-    return root
+from helpers import write_shards
 
 
 def test_read_shards_manifest_and_fallback(tmp_path):

@@ -130,7 +130,7 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(ValueError, match="fp16"):
         check_precision("fp16")
     check_precision("fp32")
-    from test_trainer_train import write_shards
+    from helpers import write_shards
 
     shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=8)
     assert main(["--shards", str(shards), "--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "1",
@@ -140,7 +140,7 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path, capsys):
 
 
 def test_ds_config_written_for_accumulation_run(tmp_path):
-    from test_trainer_train import write_shards
+    from helpers import write_shards
 
     shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=16)
     out = tmp_path / "run"
