@@ -14,31 +14,20 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from trainer.model import CLIP, get_config  # noqa: E402
+from trainer.monitor import flops_per_sample as analytic_flops  # noqa: E402
 
 EOT = 49407
 
 # ------------------------------------------------------------------------------------------------------ FLOPs
-def _layer_fwd_flops(tokens: int, width: int, mlp_ratio: float) -> float:
-    matmul = 2 * tokens * (4 + 2 * mlp_ratio) * width**2  # qkv (3D^2) + out (D^2) + MLP (2 r D^2)
-    attn = 4 * tokens**2 * width  # QK^T and AV
-    return matmul + attn
-
-
 def flops_per_sample(arch: str, batch: int) -> dict | None:
-    """Analytic training FLOPs per sample for a ViT CLIP config (None for ResNet towers)."""
+    """Analytic training FLOPs per sample for a ViT CLIP config (None for ResNet towers), from
+    trainer.monitor.flops_per_sample: "model" = 3 x forward (incl. the [B,E]x[E,B] logits), "hardware" adds the
+    recompute of every checkpointed block."""
     cfg = get_config(arch)
-    v, t = cfg.vision, cfg.text
-    if v.is_resnet:
+    if cfg.vision.is_resnet:
         return None
-    n_patches = (v.image_size // v.patch_size) ** 2
-    vis_block = v.layers * _layer_fwd_flops(n_patches + 1, v.width, v.mlp_ratio)
-    txt_block = t.layers * _layer_fwd_flops(t.context_length, t.width, t.mlp_ratio)
-    other = (2 * n_patches * 3 * v.patch_size**2 * v.width  # patch embedding
-             + 2 * v.width * cfg.embed_dim + 2 * t.width * cfg.embed_dim  # projections
-             + 4 * batch * cfg.embed_dim)  # two [B,E]x[E,B] logit matmuls, per sample
-    fwd = vis_block + txt_block + other
-    model = 3 * fwd
-    return {"forward": fwd, "model": model, "hardware": model + vis_block + txt_block}
+    fwd = analytic_flops(cfg, train=False, batch=batch)
+    return {"forward": fwd, "model": 3 * fwd, "hardware": analytic_flops(cfg, batch=batch, recompute=True)}
 
 
 def measure_matmul_tflops(n: int = 8192, reps: int = 20) -> float:

@@ -6,6 +6,8 @@
     clipforge filter CRAWL_DIR OUT      keep/drop with a reason per row               (pipeline.filter)
     clipforge shard FILTER_DIR OUT      training shards + manifest                    (pipeline.shard)
     clipforge train --shards D --out R  CLIP with DeepSpeed ZeRO                      (trainer.train)
+    clipforge train-ray --num-workers N -- <train flags>   the same on Ray Train     (trainer.ray_launch)
+    clipforge eval --checkpoint C ...   zero-shot, retrieval, linear probe            (trainer.evaluate)
     clipforge index --shards D ...      embed images + FAISS index                    (indexing.build)
     clipforge search "a red apple"      text -> image search                          (indexing.search)
     clipforge demo                      all of the above on the sample web            (pipeline.demo)
@@ -25,6 +27,8 @@ COMMANDS = {
     "filter": ("pipeline.filter", "main", "basic rules + exact dedup, a reason for every drop"),
     "shard": ("pipeline.shard", "main", "write kept samples to WebDataset shards + manifest"),
     "train": ("trainer.train", "main", "train CLIP with DeepSpeed ZeRO"),
+    "train-ray": ("trainer.ray_launch", "main", "the same training on Ray Train workers"),
+    "eval": ("trainer.evaluate", "main", "zero-shot, retrieval and linear-probe evaluation"),
     "index": ("indexing.build", "main", "embed images and build a FAISS index"),
     "search": ("indexing.search", "main", "text-to-image search in an index"),
     "demo": ("pipeline.demo", "main", "run every stage on the sample web"),

@@ -77,7 +77,8 @@ def test_two_rank_deepspeed_training_end_to_end(tmp_path):
     out = tmp_path / "run"
     t0 = time.time()
     rc = main(["--shards", str(shards), "--out", str(out), "--preset", "tiny", "--model", "tiny", "--steps", "6",
-               "--batch-size", "8", "--nproc", "2", "--zero", "2", "--grad-checkpointing", "--seed", "0"])
+               "--batch-size", "8", "--nproc", "2", "--zero", "2", "--grad-checkpointing", "--seed", "0",
+               "--shuffle-buffer", "8"])
     print(f"2-rank tiny training: {time.time() - t0:.1f}s")
     assert rc == 0
 
@@ -100,13 +101,22 @@ def test_two_rank_deepspeed_training_end_to_end(tmp_path):
     assert not torch.equal(init["visual.proj"], model.state_dict()["visual.proj"])
 
 
-def test_two_rank_zero3_saves_full_weights(tmp_path):
+def test_two_rank_zero3_saves_full_weights_and_evaluates(tmp_path):
     shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=32)
+    heldout = write_shards(tmp_path / "heldout", n_shards=1, per_shard=7, size=32)  # odd: ranks get padded slices
     out = tmp_path / "run"
     rc = main(["--shards", str(shards), "--out", str(out), "--preset", "tiny", "--steps", "3", "--batch-size", "4",
-               "--nproc", "2", "--zero", "3"])
+               "--nproc", "2", "--zero", "3", "--eval-retrieval", str(heldout), "--eval-every", "2"])
     assert rc == 0
-    assert json.loads((out / "summary.json").read_text())["zero_stage"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["zero_stage"] == 3
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 3]  # every 2 steps and at the end, computed on both ranks
+    assert all(0 <= e["retrieval/text_to_image_R@1"] <= e["retrieval/text_to_image_R@5"] <= 1 for e in evals)
+    assert summary["eval/retrieval/image_to_text_R@10"] == evals[-1]["retrieval/image_to_text_R@10"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["peak_mem_gb"] > 0 and row["tflops_per_device"] > 0 and row["eta_s"] == 0
     model = load_model(out / "checkpoint")  # gathered from the ZeRO-3 partitions: full shapes, strict load
     assert model.logit_scale.shape == () and model.visual.proj.shape == (128, 128)
 

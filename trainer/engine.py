@@ -147,7 +147,12 @@ def destroy_distributed() -> None:
     """Tear down the process group through DeepSpeed, which also drops its cached group handles (so a second
     run in the same process, e.g. in tests or a notebook, starts clean)."""
     import deepspeed.comm as ds_dist
+    import deepspeed.comm.comm as ds_comm  # `deepspeed.comm.cdb` is a stale copy made by `from .comm import *`
 
+    if ds_comm.cdb is None:  # the group was created outside DeepSpeed (Ray Train) and DeepSpeed never attached
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return
     ds_dist.destroy_process_group()
 
 

@@ -21,29 +21,34 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.checkpoint import save_model
-from trainer.data import DataError, read_shards, train_batches
+from trainer import resume
+from trainer.checkpoint import export_open_clip, save_model
+from trainer.data import DataError, read_sources, train_batches
 from trainer.loss import LOSSES, SIGLIP_INIT_LOGIT_SCALE, ContrastiveLoss, FeatureCache, make_loss
 from trainer.model import CLIP, get_config
+from trainer.monitor import flops_per_sample, make_monitor
 from trainer.parallel import frozen_batchnorm_stats, apply_activation_checkpointing
 from trainer.transform import TrainAugment
 
 
 @dataclass
 class TrainConfig:
-    shards: str = ""
+    shards: list[str] = field(default_factory=list)  # one or more shard dirs (clipforge or img2dataset output)
+    shard_weights: list[float] | None = None  # sample share of each shard dir (default: its sample count)
+    resampled: bool = False  # draw shards with replacement (multi-node default in open_clip) instead of rounds
     out: str = ""
     model: str = "ViT-B-32"
     epochs: int = 1  # used when steps == 0
@@ -68,6 +73,24 @@ class TrainConfig:
     patch_dropout: float = 0.0  # FLIP: fraction of ViT patch tokens dropped in training (0.5 ~ 2x faster)
     log_every: int = 10
     ds_shm_comm: bool = False  # DeepSpeed's JIT-built CPU shm allreduce (first use compiles ~1 min)
+    save_every: int = 0  # optimizer steps between checkpoints (0: off)
+    save_every_minutes: float = 0.0  # wall minutes between checkpoints, checked at log steps (0: off)
+    keep_last: int = 2  # complete checkpoints kept in RUN_DIR/checkpoints
+    resume: str = ""  # "latest" (start fresh if there is none yet) or a checkpoint dir
+    eval_retrieval: str = ""  # held-out shard dir: image<->text recall@1/5/10 (trainer.evaluate)
+    eval_zeroshot: str = ""  # labelled shard dir or ImageFolder dir: zero-shot top-1/top-5
+    eval_classes: str = ""  # classes file {"classnames": [...], "templates": [...]} for --eval-zeroshot
+    eval_every: int = 0  # optimizer steps between evaluations (0: only at the end, if eval data is given)
+    eval_batch_size: int = 64
+
+    def __post_init__(self):
+        if isinstance(self.shards, (str, Path)):
+            self.shards = [str(self.shards)]
+        self.shards = [str(s) for s in self.shards]
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.save_every > 0 or self.save_every_minutes > 0
 
     def global_batch_size(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum * world_size
@@ -83,7 +106,12 @@ PRESETS = {"default": TrainConfig, "tiny": TrainConfig.tiny}
 
 def parse_args(argv: list[str]) -> TrainConfig:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
-    p.add_argument("--shards", required=True, help="shard dir with manifest.json and *.tar")
+    p.add_argument("--shards", required=True, nargs="+",
+                   help="shard dir(s): clipforge shards (manifest.json + *.tar) or plain img2dataset output")
+    p.add_argument("--shard-weights", type=float, nargs="+",
+                   help="sample share of each --shards dir (default: proportional to its sample count)")
+    p.add_argument("--resampled", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw shards with replacement instead of one shuffled round after another")
     p.add_argument("--out", required=True, help="run dir (checkpoint/, metrics.jsonl, summary.json, ...)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="base values; flags override")
     p.add_argument("--model", help="model preset name (trainer.model.PRESETS)")
@@ -111,6 +139,16 @@ def parse_args(argv: list[str]) -> TrainConfig:
                    help="random resized crop area range (default 0.9 1.0; 1 1 = centre-ish square crops only)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--ds-shm-comm", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps (default 0: off)")
+    p.add_argument("--save-every-minutes", type=float, help="checkpoint every M minutes (checked at log steps)")
+    p.add_argument("--keep-last", type=int, help="complete checkpoints to keep (default 2)")
+    p.add_argument("--eval-retrieval", help="held-out shard dir: image<->text recall@1/5/10 during training")
+    p.add_argument("--eval-zeroshot", help="labelled shard dir or ImageFolder: zero-shot top-1/5 during training")
+    p.add_argument("--eval-classes", help="classes JSON {classnames, templates} for --eval-zeroshot")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps on all ranks (default 0: at the end only)")
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--resume", help="'latest' (newest checkpoint in OUT/checkpoints; a fresh start if none) or a "
+                                    "checkpoint dir: weights, optimizer, schedule, data position and RNG states")
     args = vars(p.parse_args(argv))
     preset = args.pop("preset")
     overrides = {k: v for k, v in args.items() if v is not None}
@@ -134,7 +172,13 @@ def validate(cfg: TrainConfig) -> None:
         from trainer import engine as ds
 
         ds.check_precision(cfg.precision)  # fp16 on a CPU-only machine: a clear error, before any rank starts
-    read_shards(cfg.shards)  # DataError on a missing/empty shard dir
+    for name in ("save_every", "save_every_minutes", "keep_last", "eval_every"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    read_sources(cfg.shards, cfg.shard_weights)  # DataError on a missing/empty shard dir or bad weights
+    _eval_data(cfg)  # EvalDataError (a DataError) on bad eval data
+    if cfg.resume and cfg.resume != resume.LATEST:
+        resume.find(Path(cfg.out) / "checkpoints", cfg.resume)  # FileNotFoundError if it is not a checkpoint
 
 
 # ------------------------------------------------------------------------------------------------ launch
@@ -212,18 +256,6 @@ def make_train_module(model: CLIP, loss: str) -> TrainModule:
     return TrainModule(model, make_loss(loss))
 
 
-def _get_rng() -> tuple:
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
-
-
 def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over N = len(micro_batches) micro-batches of (images, tokens) already on the device.
 
@@ -257,21 +289,21 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -
     rng_states, image_features, text_features = [], [], []
     with torch.no_grad(), frozen_batchnorm_stats(engine.module):
         for images, tokens in micro_batches:
-            rng_states.append(_get_rng())
+            rng_states.append(resume.rng_state())
             img, txt, _ = engine(images, tokens, features_only=True)
             image_features.append(img)
             text_features.append(txt)
     cache = FeatureCache.build(image_features, text_features)
     del image_features, text_features
-    rng_after = _get_rng()
+    rng_after = resume.rng_state()
     total = None
     for i, (images, tokens) in enumerate(micro_batches):
-        _set_rng(rng_states[i])
+        resume.set_rng_state(rng_states[i])
         loss, _, _, logit_scale = engine(images, tokens, cache=cache.at(i))
         engine.backward(loss * n)  # DeepSpeed divides by n: the sum over micro-batches is the full gradient
         engine.step()
         total = loss.detach() if total is None else total + loss.detach()
-    _set_rng(rng_after)
+    resume.set_rng_state(rng_after)
     return total / n, logit_scale.detach()
 
 
@@ -281,6 +313,38 @@ def _write_json(path: Path, obj) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def _fault_injection(step: int, rank: int, world: int) -> None:
+    """Test hook: CLIPFORGE_FAULT_STEP=N SIGKILLs rank CLIPFORGE_FAULT_RANK (default: the last) after step N,
+    the way a preempted node dies (no cleanup, no final save)."""
+    if os.environ.get("CLIPFORGE_FAULT_STEP") == str(step) and rank == int(os.environ.get("CLIPFORGE_FAULT_RANK", world - 1)):
+        print(f"[trainer] fault injection: killing rank {rank} after step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _eval_data(cfg: TrainConfig):
+    """The held-out eval sets named by the config (None if none): scanned once, identically on every rank."""
+    if not (cfg.eval_retrieval or cfg.eval_zeroshot):
+        if cfg.eval_classes:
+            raise ValueError("--eval-classes needs --eval-zeroshot")
+        return None
+    from trainer.evaluate import build_eval_data
+
+    return build_eval_data(retrieval=cfg.eval_retrieval or None, zeroshot=cfg.eval_zeroshot or None,
+                           classes=cfg.eval_classes or None)
+
+
+def _evaluate(engine, eval_data, cfg: TrainConfig, rank: int, world: int) -> dict:
+    """Zero-shot / retrieval metrics of the current weights, computed on all ranks (each embeds a padded slice;
+    through the model's forward, so ZeRO-3 gathers partitioned weights). -> {"eval/...": value} on every rank."""
+    from trainer.evaluate import evaluate, flatten_metrics
+
+    t0, rng = time.time(), resume.rng_state()
+    metrics = evaluate(engine.module.model, eval_data, engine.device, rank=rank, world=world,
+                       batch_size=cfg.eval_batch_size)
+    resume.set_rng_state(rng)  # evaluation leaves the training randomness untouched
+    return {**flatten_metrics(metrics, prefix=""), "seconds": time.time() - t0}  # e.g. "retrieval/text_to_image_R@1"
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -294,9 +358,10 @@ def train(cfg: TrainConfig) -> dict:
         cfg = dataclasses.replace(cfg, precision="bf16" if on_gpu else "fp32")
     ds.check_precision(cfg.precision)
     out = Path(cfg.out)
-    shards = read_shards(cfg.shards)
+    sources = read_sources(cfg.shards, cfg.shard_weights)
+    num_samples = sum(s.num_samples for s in sources)
     global_batch = cfg.global_batch_size(world)
-    steps_per_epoch = math.ceil(shards.num_samples / global_batch)
+    steps_per_epoch = math.ceil(num_samples / global_batch)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     ds_config = ds.build_ds_config(cfg, world)
     model_config = get_config(cfg.model)
@@ -308,30 +373,50 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.grad_checkpointing:
         apply_activation_checkpointing(model)  # from the outside; state_dict keys unchanged
     engine, scheduler = ds.init_engine(make_train_module(model, cfg.loss), cfg, ds_config, total_steps)
-    torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank augmentation randomness (and DataLoader worker seeds)
+    torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank randomness of the step (patch dropout)
     random.seed(cfg.seed * 1000 + rank)
 
+    ckpt_root = out / "checkpoints"
+    start_step, rank_state = 0, {}
+    found = resume.find(ckpt_root, cfg.resume) if cfg.resume else None
+    if found is not None:
+        start_step, rank_state = resume.load(engine, found, rank)  # collective
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {**asdict(cfg), "world_size": world, "global_batch_size": global_batch,
-                    "num_samples": shards.num_samples, "num_shards": len(shards.tars),
+                    "num_samples": num_samples, "num_shards": sum(len(s.tars) for s in sources),
                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                     "model_config": model_config.to_dict()}
         _write_json(out / "train_config.json", resolved)
         _write_json(out / "ds_config.json", ds_config)
-        (out / "metrics.jsonl").write_text("")
         print(f"[trainer] model={cfg.model} loss={cfg.loss} world={world} zero={cfg.zero} "
               f"precision={cfg.precision} grad_accum={cfg.grad_accum} global_batch={global_batch} steps={total_steps} ({steps_per_epoch}/epoch) "
-              f"samples={shards.num_samples} shards={len(shards.tars)}", flush=True)
+              f"samples={num_samples} shards={resolved['num_shards']}"
+              + (f" resumed from {found} at step {start_step}" if found is not None else
+                 " (no checkpoint to resume yet)" if cfg.resume else ""), flush=True)
 
-    batches = train_batches(shards, model_config.vision.image_size, model_config.text.context_length,
-                            cfg.batch_size, seed=cfg.seed, rank=rank, workers=cfg.workers,
-                            shuffle_buffer=cfg.shuffle_buffer, augment=TrainAugment(scale=tuple(cfg.aug_scale)))
+    batches = train_batches(sources, model_config.vision.image_size, model_config.text.context_length,
+                            cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
+                            shuffle_buffer=cfg.shuffle_buffer, augment=TrainAugment(scale=tuple(cfg.aug_scale)),
+                            resampled=cfg.resampled, state=rank_state.get("data"))
+    if rank_state.get("rng"):  # after the DataLoader drew its worker seed from the torch RNG, as the saved run did
+        resume.set_rng_state(rank_state["rng"])
     device = engine.device
-    t_start = t_log = time.time()
-    steps_since_log, skipped_local, last_loss = 0, 0, float("nan")
+    eval_data = _eval_data(cfg)
+    monitor = make_monitor(rank, out, total_steps, start_step=start_step, global_batch=global_batch, world_size=world,
+                           flops_per_sample=flops_per_sample(model_config), device=device, precision=cfg.precision)
+    t_start = t_saved = time.time()
+    steps_since_log, last_loss, eval_metrics = 0, float("nan"), {}
+    skipped_local = int(rank_state.get("skipped", 0))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-step host sync
-    for step in range(total_steps):
+
+    def save_checkpoint(step: int) -> None:
+        state = {"step": step, "data": batches.state_dict(), "rng": resume.rng_state(), "skipped": skipped_local}
+        path = resume.save(engine, ckpt_root, step, rank, state, cfg.keep_last)  # collective
+        if rank == 0:
+            print(f"[trainer] checkpoint {path}", flush=True)
+
+    for step in range(start_step, total_steps):
         micro_batches = []
         for _ in range(cfg.grad_accum):
             images, tokens, skipped = next(batches)
@@ -341,27 +426,31 @@ def train(cfg: TrainConfig) -> dict:
         loss, logit_scale = train_step(engine, micro_batches)
         loss_sum += loss.double()
         steps_since_log += 1
+        want_save = cfg.save_every > 0 and (step + 1) % cfg.save_every == 0
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:  # same condition on every rank
-            stats = torch.stack([loss_sum / steps_since_log, loss_sum.new_tensor(float(skipped_local))])
-            dist.all_reduce(stats)
+            time_due = rank == 0 and cfg.save_every_minutes > 0 and time.time() - t_saved >= 60 * cfg.save_every_minutes
+            stats = torch.stack([loss_sum / steps_since_log, loss_sum.new_tensor(float(skipped_local)),
+                                 loss_sum.new_tensor(float(time_due))])
+            dist.all_reduce(stats)  # rank 0's clock decides time-based saves for everyone
             last_loss, skipped_total = stats[0].item() / world, int(stats[1].item())
-            now = time.time()
-            samples_per_s = steps_since_log * global_batch / max(now - t_log, 1e-9)
-            if rank == 0:
-                row = {"step": step + 1, "loss": last_loss, "lr": lr,
-                       "logit_scale": float(logit_scale.detach().float().item()),
-                       "samples_per_s": samples_per_s, "skipped_samples": skipped_total,
-                       "epoch": (step + 1) / steps_per_epoch, "elapsed_s": now - t_start}
-                with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"[trainer] step {step + 1}/{total_steps} loss {last_loss:.4f} lr {lr:.2e} "
-                      f"{samples_per_s:.1f} samples/s skipped {skipped_total}", flush=True)
-            t_log, steps_since_log = now, 0
+            want_save = want_save or stats[2].item() > 0
+            monitor.log(step + 1, last_loss, lr=lr, logit_scale=logit_scale, skipped_samples=skipped_total,
+                        epoch=(step + 1) / steps_per_epoch)  # a no-op on ranks > 0
+            steps_since_log = 0
             loss_sum.zero_()
+        if eval_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total_steps):
+            eval_metrics = _evaluate(engine, eval_data, cfg, rank, world)  # collective: every rank, same calls
+            monitor.log_eval(step + 1, eval_metrics)
+        if cfg.checkpointing and (want_save or step + 1 == total_steps):
+            save_checkpoint(step + 1)
+            t_saved = time.time()
+        _fault_injection(step + 1, rank, world)
+    monitor.close()
 
     stats = torch.tensor([float(skipped_local)], dtype=torch.float64).to(device)
     dist.all_reduce(stats)
     wall_s = time.time() - t_start
+    steps_run = total_steps - start_step
     state = ds.full_fp32_state_dict(engine, cfg.zero)  # every rank must call it (collectives)
     model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     loss_state = {k[len("loss."):]: v for k, v in state.items() if k.startswith("loss.")}
@@ -369,14 +458,16 @@ def train(cfg: TrainConfig) -> dict:
         final = CLIP(model_config)
         final.load_state_dict(model_state, strict=True)
         save_model(final, out / "checkpoint")  # fp32 weights, even after bf16 training
+        export_open_clip(final, out / "open_clip")  # open_clip.create_model("local-dir:" + RUN_DIR/open_clip)
         _write_json(out / "loss_state.json", {"loss": cfg.loss, **{k: v.tolist() for k, v in loss_state.items()}})
     del state, model_state
     dist.barrier(**({"device_ids": [local_rank]} if on_gpu else {}))
-    summary = {"steps": total_steps, "samples_seen": total_steps * global_batch,
+    summary = {"steps": total_steps, "resumed_from_step": start_step, "samples_seen": total_steps * global_batch,
                "skipped_samples": int(stats[0].item()), "final_loss": last_loss, "wall_s": wall_s,
-               "samples_per_s": total_steps * global_batch / max(wall_s, 1e-9), "world_size": world,
+               "samples_per_s": steps_run * global_batch / max(wall_s, 1e-9), "world_size": world,
                "zero_stage": cfg.zero, "model": cfg.model, "precision": cfg.precision, "loss": cfg.loss,
                "grad_accum": cfg.grad_accum, **{k: v.tolist() for k, v in loss_state.items()},
+               **{f"eval/{k}": v for k, v in eval_metrics.items()},
                "checkpoint": str((out / "checkpoint").resolve())}
     if rank == 0:
         _write_json(out / "summary.json", summary)

@@ -83,7 +83,7 @@ def image_transform(image_size: int, train: bool = False,
     def eval_fn(img: Image.Image) -> torch.Tensor:
         return _to_tensor(resize_center_crop(_to_rgb(img), image_size))
 
-    def train_fn(img: Image.Image) -> torch.Tensor:
-        return _to_tensor(random_resized_crop(_to_rgb(img), image_size, scale=aug.scale, ratio=aug.ratio))
+    def train_fn(img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:  # rng: None -> `random`
+        return _to_tensor(random_resized_crop(_to_rgb(img), image_size, scale=aug.scale, ratio=aug.ratio, rng=rng))
 
     return train_fn if train else eval_fn
