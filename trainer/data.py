@@ -256,23 +256,34 @@ class _SlotStream:
                 images, tokens = [], []
 
 
+class _TrainTransform:
+    """Picklable wrapper of trainer.transform's training transform: (PIL image, rng) -> [3, S, S]."""
+
+    def __init__(self, image_size: int, augment: TrainAugment):
+        self.image_size, self.augment = image_size, augment
+
+    def __call__(self, img, rng):
+        return image_transform(self.image_size, train=True, augment=self.augment)(img, rng)
+
+
 def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 # ------------------------------------------------------------------------------------------------ one rank
 class _RankDataset(torch.utils.data.IterableDataset):
-    """This rank's slots; DataLoader worker j serves slot rank * W + (first + j) % W (W workers, at least 1)."""
+    """This rank's slots; DataLoader worker j serves slot rank * W + (first + j) % W (W workers, at least 1).
+    Plain attributes only, so it pickles under every multiprocessing start method."""
 
-    def __init__(self, make_slot, rank: int, workers: int, first: int, states: dict):
+    def __init__(self, slot_args: tuple, rank: int, workers: int, first: int, states: dict):
         super().__init__()
-        self.make_slot, self.rank, self.workers, self.first, self.states = make_slot, rank, workers, first, states
+        self.slot_args, self.rank, self.workers, self.first, self.states = slot_args, rank, workers, first, states
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        local = (self.first + (info.id if info is not None else 0)) % self.workers
-        slot = self.rank * self.workers + local
-        return iter(self.make_slot(slot, self.states.get(slot)))
+        slot = self.rank * self.workers + (self.first + (info.id if info is not None else 0)) % self.workers
+        sources, num_slots, *rest = self.slot_args
+        return iter(_SlotStream(sources, slot, num_slots, *rest, state=self.states.get(slot)))
 
 
 class TrainBatches:
@@ -291,14 +302,10 @@ class TrainBatches:
                 log.warning("data state was saved for %s, this run is %s: the data stream restarts at a new seed",
                             {k: state.get(k) for k in self.key}, self.key)
                 seed = seed + 7919 * int(state.get("batches", 0)) + 1
-        num_slots = world * self.key["workers"]
-        transform = image_transform(image_size, train=True, augment=augment)
-
-        def make_slot(slot, slot_state):
-            return _SlotStream(sources, slot, num_slots, seed, resampled, shuffle_buffer, transform, context_length,
-                               batch_size, slot_state)
-
-        dataset = _RankDataset(make_slot, rank, self.key["workers"], self.batches % self.key["workers"], self.slots)
+        transform = _TrainTransform(image_size, augment or TrainAugment())
+        slot_args = (sources, world * self.key["workers"], seed, resampled, shuffle_buffer, transform, context_length,
+                     batch_size)
+        dataset = _RankDataset(slot_args, rank, self.key["workers"], self.batches % self.key["workers"], self.slots)
         if workers <= 0:
             self._it = iter(dataset)
         else:
