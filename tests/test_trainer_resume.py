@@ -1,6 +1,12 @@
 """Periodic checkpoints and exact resume: a 2-rank run SIGKILLed mid-run and resumed with --resume latest
 continues with the same losses as an uninterrupted run (CPU, gloo, DeepSpeed ZeRO)."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +59,26 @@ def test_resume_arguments(tmp_path, capsys):
     assert main([*base, "--resume", "latest", "--save-every", "1"]) == 0
     assert "no checkpoint to resume yet" in capsys.readouterr().out
     assert resume.find(tmp_path / "run" / "checkpoints", "latest").name == "step_00000001"
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+    """Preemption: SIGTERM to the launcher reaches every rank (via torchrun); they agree at the next log step, save a
+    checkpoint together and exit 143-style; --resume latest continues from that step."""
+    shards = write_shards(tmp_path / "shards", n_shards=2, per_shard=8, size=32)
+    out = tmp_path / "run"
+    args = ["--shards", str(shards), "--out", str(out), "--preset", "tiny", "--batch-size", "4", "--nproc", "2",
+            "--log-every", "1", "--shuffle-buffer", "4"]
+    env = {**os.environ, "CLIPFORGE_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *args, "--steps", "100000"], env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_losses(out) if (out / "metrics.jsonl").is_file() else {}) < 2:
+        assert proc.poll() is None, "training ended before it was signalled"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=180) != 0
+    saved = resume.find(out / "checkpoints", "latest")
+    step = json.loads((saved / "meta.json").read_text())["step"]
+    assert step >= 2 and not (out / "summary.json").exists()
+    assert main([*args, "--steps", str(step + 1), "--resume", "latest"]) == 0
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == step

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -199,7 +200,32 @@ def launch(cfg: TrainConfig, argv: list[str]) -> int:
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "trainer.train",
     ]
     print(f"[trainer] launching {cfg.nproc} ranks: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    child = subprocess.Popen(cmd, env=env)
+    with _forward_signals(child):  # a preemption SIGTERM reaches torchrun, which passes it to the ranks
+        return child.wait()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption (SLURM --signal, Kubernetes), or by hand
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped by a signal after saving a checkpoint
+
+
+@contextlib.contextmanager
+def _on_signals(handler):
+    """Install `handler` for STOP_SIGNALS while inside (main thread only: elsewhere, e.g. a Ray Train worker
+    thread, Python cannot install handlers and the block runs unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _forward_signals(child: subprocess.Popen):
+    return _on_signals(lambda signum, frame: child.send_signal(signum))
 
 
 ARGV_ENV = "CLIPFORGE_TRAIN_ARGV"
@@ -416,36 +442,46 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0:
             print(f"[trainer] checkpoint {path}", flush=True)
 
-    for step in range(start_step, total_steps):
-        micro_batches = []
-        for _ in range(cfg.grad_accum):
-            images, tokens, skipped = next(batches)
-            skipped_local += skipped
-            micro_batches.append((images.to(device), tokens.to(device)))
-        lr = scheduler.get_last_lr()[0]
-        loss, logit_scale = train_step(engine, micro_batches)
-        loss_sum += loss.double()
-        steps_since_log += 1
-        want_save = cfg.save_every > 0 and (step + 1) % cfg.save_every == 0
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:  # same condition on every rank
-            time_due = rank == 0 and cfg.save_every_minutes > 0 and time.time() - t_saved >= 60 * cfg.save_every_minutes
-            stats = torch.stack([loss_sum / steps_since_log, loss_sum.new_tensor(float(skipped_local)),
-                                 loss_sum.new_tensor(float(time_due))])
-            dist.all_reduce(stats)  # rank 0's clock decides time-based saves for everyone
-            last_loss, skipped_total = stats[0].item() / world, int(stats[1].item())
-            want_save = want_save or stats[2].item() > 0
-            monitor.log(step + 1, last_loss, lr=lr, logit_scale=logit_scale, skipped_samples=skipped_total,
-                        epoch=(step + 1) / steps_per_epoch)  # a no-op on ranks > 0
-            steps_since_log = 0
-            loss_sum.zero_()
-        if eval_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total_steps):
-            eval_metrics = _evaluate(engine, eval_data, cfg, rank, world)  # collective: every rank, same calls
-            monitor.log_eval(step + 1, eval_metrics)
-        if cfg.checkpointing and (want_save or step + 1 == total_steps):
-            save_checkpoint(step + 1)
-            t_saved = time.time()
-        _fault_injection(step + 1, rank, world)
+    stop_signal, preempted = [], False  # SIGTERM/SIGUSR1 on a rank: all save at the next log step and stop
+    with _on_signals(lambda signum, frame: stop_signal.append(signum)):
+        for step in range(start_step, total_steps):
+            micro_batches = []
+            for _ in range(cfg.grad_accum):
+                images, tokens, skipped = next(batches)
+                skipped_local += skipped
+                micro_batches.append((images.to(device), tokens.to(device)))
+            lr = scheduler.get_last_lr()[0]
+            loss, logit_scale = train_step(engine, micro_batches)
+            loss_sum += loss.double()
+            steps_since_log += 1
+            want_save = cfg.save_every > 0 and (step + 1) % cfg.save_every == 0
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:  # same condition on every rank
+                minutes = (time.time() - t_saved) / 60
+                time_due = rank == 0 and cfg.save_every_minutes > 0 and minutes >= cfg.save_every_minutes
+                flags = [float(skipped_local), float(time_due), float(bool(stop_signal))]
+                stats = torch.cat([(loss_sum / steps_since_log)[None], loss_sum.new_tensor(flags)])
+                dist.all_reduce(stats)  # rank 0's clock decides time-based saves; a signal on any rank stops all
+                last_loss, skipped_total = stats[0].item() / world, int(stats[1].item())
+                want_save, preempted = want_save or stats[2].item() > 0, stats[3].item() > 0
+                monitor.log(step + 1, last_loss, lr=lr, logit_scale=logit_scale, skipped_samples=skipped_total,
+                            epoch=(step + 1) / steps_per_epoch)  # a no-op on ranks > 0
+                steps_since_log = 0
+                loss_sum.zero_()
+            if eval_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total_steps):
+                eval_metrics = _evaluate(engine, eval_data, cfg, rank, world)  # collective: every rank, same calls
+                monitor.log_eval(step + 1, eval_metrics)
+            if preempted or (cfg.checkpointing and (want_save or step + 1 == total_steps)):
+                save_checkpoint(step + 1)
+                t_saved = time.time()
+            if preempted:
+                break
+            _fault_injection(step + 1, rank, world)
     monitor.close()
+    if preempted:
+        if rank == 0:
+            print(f"[trainer] stopped by signal {stop_signal or '(on another rank)'} after step {step + 1}; "
+                  f"checkpoint saved, continue with --resume latest", flush=True)
+        return {"preempted": True, "steps": step + 1, "checkpoint": str(resume.find(ckpt_root, resume.LATEST))}
 
     stats = torch.tensor([float(skipped_local)], dtype=torch.float64).to(device)
     dist.all_reduce(stats)
@@ -485,13 +521,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         if _in_launched_rank():
-            train(cfg)
+            summary = train(cfg)
         else:
             validate(cfg)
             if cfg.nproc > 1:
                 return launch(cfg, argv)
             with _single_process_env():
-                train(cfg)
+                summary = train(cfg)
+        if summary.get("preempted"):
+            return EXIT_PREEMPTED
     except (DataError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"[trainer] error: {e}", file=sys.stderr, flush=True)
         return 2
