@@ -159,3 +159,22 @@ def test_param_groups_keep_zero_flat_buffers_aligned():
         first_bad = aligned.index(False) if False in aligned else len(aligned)
         assert all(p.numel() % 8 for p in g["params"][first_bad:])  # only odd-sized tail tensors after that
     assert sum(len(g["params"]) for g in groups) == len(list(CLIP(get_config("tiny")).parameters()))
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_the_same_entry_point(tmp_path, free_port):
+    """`deepspeed --num_gpus 2 --no_local_rank --module trainer.train ...` (infra/deepspeed/launch.sh without the
+    hostfile): on CPU DeepSpeed's launcher starts 2 gloo ranks, which join the job instead of self-launching."""
+    import subprocess
+    import sys
+
+    shards = write_shards(tmp_path / "shards", n_shards=2, per_shard=8, size=32)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "--no_local_rank", "--module", "trainer.train", "--shards", str(shards),
+           "--out", str(out), "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--shuffle-buffer", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "CLIPFORGE_PROGRESS": "0"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert load_model(out / "checkpoint").config == get_config("tiny")
