@@ -100,7 +100,9 @@ def run(cfg: DemoConfig) -> dict:
                                         "--lr", str(cfg.lr), "--warmup", str(cfg.warmup),
                                         "--log-every", str(cfg.log_every),
                                         "--shuffle-buffer", str(cfg.shuffle_buffer), "--nproc", str(cfg.nproc),
-                                        "--zero", "2", "--grad-checkpointing", *length]), timings)
+                                        "--zero", "2", "--grad-checkpointing", *length,
+                                        # a killed demo continues training where its last checkpoint left off
+                                        "--save-every", "100", "--resume", "latest"]), timings)
     _stage("index", lambda: index_build.main(["--shards", str(d["shards"]), "--checkpoint",
                                               str(d["run"] / "checkpoint"), "--out", str(d["index"])]), timings)
 
