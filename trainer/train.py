@@ -425,7 +425,7 @@ def train(cfg: TrainConfig) -> dict:
                             cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
                             shuffle_buffer=cfg.shuffle_buffer, augment=TrainAugment(scale=tuple(cfg.aug_scale)),
                             resampled=cfg.resampled, state=rank_state.get("data"))
-    if rank_state.get("rng"):  # after the DataLoader drew its worker seed from the torch RNG, as the saved run did
+    if rank_state.get("rng"):  # the RNGs as they were after the checkpoint's step (the stream uses its own seeds)
         resume.set_rng_state(rank_state["rng"])
     device = engine.device
     eval_data = _eval_data(cfg)
