@@ -73,3 +73,14 @@ def test_weighted_sources_and_img2dataset_output(tmp_path):
         read_sources([str(a), str(b)], [1.0])
     with pytest.raises(DataError):
         read_sources([str(a)], [0.0])
+
+
+def test_missing_tars_are_left_out_and_reported(tmp_path):
+    root = write_shards(tmp_path / "s", n_shards=3, per_shard=6, size=32)
+    (root / "shard-00001.tar").unlink()
+    s = read_shards(root)
+    assert len(s.tars) == 2 and s.num_samples == 12 and s.missing_tars == 1
+    for tar in root.glob("*.tar"):
+        tar.unlink()
+    with pytest.raises(DataError, match="no samples"):
+        read_shards(root)

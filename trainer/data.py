@@ -55,6 +55,7 @@ class ShardSet:
     num_samples: int
     root: str = ""
     weight: float | None = None  # sampling weight among several sources; None -> num_samples
+    missing_tars: int = 0  # listed in the manifest but not on disk (left out, reported)
 
 
 def count_tar_samples(path: str | Path) -> int:
@@ -83,17 +84,19 @@ def read_shards(shards_dir: str | Path, weight: float | None = None) -> ShardSet
     root = Path(shards_dir)
     if not root.is_dir():
         raise DataError(f"shard dir not found: {root}")
-    manifest = root / "manifest.json"
+    manifest, missing = root / "manifest.json", []
     if manifest.is_file():
         try:
             m = json.loads(manifest.read_text(encoding="utf-8"))
-            tars = [str((root / s["tar"]).resolve()) for s in m["shards"] if int(s.get("num_samples", 1)) > 0]
-            num_samples = int(m["num_samples"])
-        except (ValueError, KeyError, TypeError) as e:
+            counts = {str((root / s["tar"]).resolve()): int(s.get("num_samples", 1)) for s in m["shards"]}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"invalid manifest {manifest}: {e}") from e
-        missing = [t for t in tars if not Path(t).is_file()]
-        if missing:
-            raise DataError(f"manifest lists missing tars: {missing[:3]}")
+        missing = [t for t in counts if not Path(t).is_file()]
+        if missing:  # train on the rest; the loss is reported (and an empty remainder is an error below)
+            log.warning("%d of %d tars listed in %s are missing, e.g. %s", len(missing), len(counts), manifest,
+                        missing[:3])
+        tars = [t for t, n in counts.items() if n > 0 and t not in missing]
+        num_samples = sum(counts[t] for t in tars)
     else:
         counts = {str(p.resolve()): _img2dataset_count(p) for p in sorted(root.glob("*.tar"))}
         tars = [t for t, n in counts.items() if n > 0]
@@ -102,7 +105,7 @@ def read_shards(shards_dir: str | Path, weight: float | None = None) -> ShardSet
         raise DataError(f"no samples in {root} ({len(tars)} tars, {num_samples} samples)")
     if weight is not None and weight <= 0:
         raise DataError(f"source weight must be > 0, got {weight} for {root}")
-    return ShardSet(tars, num_samples, str(root), weight)
+    return ShardSet(tars, num_samples, str(root), weight, missing_tars=len(missing))
 
 
 def read_sources(dirs: list[str] | str, weights: list[float] | None = None) -> list[ShardSet]:

@@ -411,13 +411,14 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {**asdict(cfg), "world_size": world, "global_batch_size": global_batch,
                     "num_samples": num_samples, "num_shards": sum(len(s.tars) for s in sources),
+                    "missing_shards": sum(s.missing_tars for s in sources),
                     "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                     "model_config": model_config.to_dict()}
         _write_json(out / "train_config.json", resolved)
         _write_json(out / "ds_config.json", ds_config)
         print(f"[trainer] model={cfg.model} loss={cfg.loss} world={world} zero={cfg.zero} "
               f"precision={cfg.precision} grad_accum={cfg.grad_accum} global_batch={global_batch} steps={total_steps} ({steps_per_epoch}/epoch) "
-              f"samples={num_samples} shards={resolved['num_shards']}"
+              f"samples={num_samples} shards={resolved['num_shards']} missing_shards={resolved['missing_shards']}"
               + (f" resumed from {found} at step {start_step}" if found is not None else
                  " (no checkpoint to resume yet)" if cfg.resume else ""), flush=True)
 
