@@ -128,6 +128,8 @@ def test_single_process_run_in_this_process(tmp_path):
                  "--no-grad-checkpointing"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == 2
+    assert summary["zero_stage"] == 0  # --zero 2 (default) on one fp32 rank runs as stage 0: nothing to partition
+    assert json.loads((out / "train_config.json").read_text())["zero_requested"] == 2
     assert not torch.distributed.is_initialized()  # the process group is torn down again
     assert "WORLD_SIZE" not in os.environ and "LOCAL_RANK" not in os.environ  # env restored
 
