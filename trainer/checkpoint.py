@@ -50,6 +50,11 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file through a temp file + os.replace (readers see the old or the new file, never half)."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def save_model(model: CLIP, out_dir: str | Path) -> Path:
     """Write out_dir/model.safetensors then out_dir/config.json (each atomically). Returns out_dir."""
     out_dir = Path(out_dir)

@@ -46,9 +46,7 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -60,6 +58,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer.checkpoint import atomic_write_text
 from trainer.data import DataError
 from trainer.evaldata import (EvalCollate, EvalData, EvalDataError, EvalItems, EvalSample, EvalSet,
                               build_eval_data, load_labelled_set)
@@ -410,15 +409,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def run(args: argparse.Namespace) -> dict:

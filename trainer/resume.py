@@ -19,12 +19,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from trainer.checkpoint import atomic_write_text
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -32,13 +33,6 @@ TMP_PREFIX = ".tmp-"
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -78,7 +72,7 @@ def save(engine, root: str | Path, step: int, rank: int, rank_state: dict, keep_
         (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": world, "time": time.time()}))
         shutil.rmtree(final, ignore_errors=True)  # the same step saved by an earlier, killed attempt
         os.replace(tmp, final)
-        _atomic_text(root / LATEST, final.name)
+        atomic_write_text(root / LATEST, final.name)
         for old in complete(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

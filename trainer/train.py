@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer import resume
-from trainer.checkpoint import export_open_clip, save_model
+from trainer.checkpoint import atomic_write_text, export_open_clip, save_model
 from trainer.data import DataError, read_sources, train_batches
 from trainer.loss import LOSSES, SIGLIP_INIT_LOGIT_SCALE, ContrastiveLoss, FeatureCache, make_loss
 from trainer.model import CLIP, get_config
@@ -335,10 +334,7 @@ def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -
 
 # ------------------------------------------------------------------------------------------------ train
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def _fault_injection(step: int, rank: int, world: int) -> None:
