@@ -65,6 +65,7 @@ def save(engine, root: str | Path, step: int, rank: int, rank_state: dict, keep_
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
     _barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)  # collective; DeepSpeed's own files
+    tmp.mkdir(parents=True, exist_ok=True)  # DeepSpeed creates it only on ranks that hold a partition (stage 0: rank 0)
     torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
     _barrier()
     if rank == 0:
