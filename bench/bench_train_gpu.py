@@ -70,7 +70,6 @@ import gc
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -111,12 +110,6 @@ def _mem(device: str) -> dict:
     return {"allocated_gib": torch.cuda.memory_allocated() / 2**30}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def distributed_env(device: str, needed: bool):
     """A 1-rank torch.distributed through DeepSpeed for the clipforge side; env restored and torn down after."""
@@ -124,25 +117,16 @@ def distributed_env(device: str, needed: bool):
         yield
         return
     from trainer import engine as ds
-    from trainer.train import TrainConfig
+    from trainer.train import TrainConfig, single_process_env
 
-    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    try:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device).index or 0)
-        ds.init_distributed(TrainConfig())
-        yield
-    finally:
+    with single_process_env():
         try:
-            ds.destroy_distributed()
+            if device.startswith("cuda"):
+                torch.cuda.set_device(torch.device(device).index or 0)
+            ds.init_distributed(TrainConfig())
+            yield
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            ds.destroy_distributed()
 
 
 # ------------------------------------------------------------------------------------------------------ measures

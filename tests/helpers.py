@@ -1,9 +1,12 @@
 """Shared test helpers (importable from the tests: pytest puts tests/ on sys.path)."""
 
 import hashlib
+import importlib.util
 import io
 import json
 import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,3 +55,12 @@ def write_shards(root, n_shards=2, per_shard=32, size=64, corrupt_keys=(), manif
         (root / "manifest.json").write_text(json.dumps(
             {"format": "clipforge.shards.v1", "num_samples": k, "shards": shards}))
     return root
+
+
+def load_bench(name: str):
+    """Import bench/<name>.py (bench/ is not a package) as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(mod)
+    return mod

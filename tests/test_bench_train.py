@@ -1,22 +1,16 @@
 """bench/bench_train_gpu.py stays runnable without a GPU: the whole benchmark at the tiny preset on CPU (both sides,
 real DeepSpeed engine and real open_clip model), and the largest-batch search logic against a fake memory limit."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_bench
+
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_train_gpu", ROOT / "bench" / "bench_train_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_train_gpu")
 
 
 def test_bench_train_tiny_cpu(tmp_path):

@@ -2,24 +2,18 @@
 open_clip_train through the wrapper) run on the same synthetic shards, the ratio line is printed and the JSON
 holds positive steady-state samples/s for both sides."""
 
-import importlib.util
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_bench
+
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_train_cpu", ROOT / "bench" / "bench_train_cpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_train_cpu")
 
 
 def test_bench_train_cpu_tiny(tmp_path, capsys):

@@ -136,9 +136,9 @@ def test_siglip_matches_reference_formula():
 @pytest.fixture
 def ds_world1():
     from trainer.engine import destroy_distributed, init_distributed
-    from trainer.train import _single_process_env
+    from trainer.train import single_process_env
 
-    with _single_process_env():
+    with single_process_env():
         init_distributed(TrainConfig.tiny())
         try:
             yield

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import re
-import socket
 import sys
 import time
 from pathlib import Path
@@ -143,15 +142,11 @@ def train_worker(config: dict) -> None:
                            f"(its error is printed above)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_ray(args) -> bool:
     """Connect to / start Ray. Returns True if this call started it (then main shuts it down)."""
     import ray
+
+    from trainer.train import free_port
 
     if ray.is_initialized():
         return False
@@ -162,7 +157,7 @@ def _init_ray(args) -> bool:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls (without it, it logs
         # a warning every second); bound to 127.0.0.1 on a free port.
         ray.init(num_cpus=args.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=_free_port(), _node_ip_address="127.0.0.1", log_to_driver=True)
+                 dashboard_port=free_port(), _node_ip_address="127.0.0.1", log_to_driver=True)
     return True
 
 

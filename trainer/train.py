@@ -182,7 +182,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ launch
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -196,7 +196,7 @@ def launch(cfg: TrainConfig, argv: list[str]) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", ARGV_ENV: json.dumps(argv)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "trainer.train",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "trainer.train",
     ]
     print(f"[trainer] launching {cfg.nproc} ranks: {' '.join(cmd[1:])}", flush=True)
     child = subprocess.Popen(cmd, env=env)
@@ -235,11 +235,11 @@ def _in_launched_rank() -> bool:
 
 
 @contextlib.contextmanager
-def _single_process_env():
+def single_process_env():
     """A plain single process gets a 1-rank torch.distributed env, restored afterwards (tests call main())."""
     keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         yield
     finally:
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             validate(cfg)
             if cfg.nproc > 1:
                 return launch(cfg, argv)
-            with _single_process_env():
+            with single_process_env():
                 summary = train(cfg)
         if summary.get("preempted"):
             return EXIT_PREEMPTED
