@@ -480,6 +480,11 @@ def summarize(res: dict, batch: int) -> dict:
             s["max_batch_ratio"] = mb["clipforge"]["max_batch"] / mb["open_clip"]["max_batch"]
             s["max_batch_ratio_is_lower_bound"] = bool(mb["clipforge"]["capped"] or
                                                        mb["clipforge"]["stopped_by"] == "time budget")
+        if "clipforge_offload" in mb and "open_clip" in mb and mb["open_clip"]["max_batch"]:
+            s["max_batch_ratio_offload"] = mb["clipforge_offload"]["max_batch"] / mb["open_clip"]["max_batch"]
+        if "clipforge_offload" in thr and "open_clip" in thr:
+            s["samples_per_s_ratio_offload"] = (thr["clipforge_offload"]["samples_per_s"]
+                                                / thr["open_clip"]["samples_per_s"])
         out[arch] = s
     return out
 
@@ -543,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diagnostic-no-sync", action="store_true",
                    help="also time clipforge with DeepSpeed's throughput timer (2 syncs/step) off (a diagnostic)")
     p.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_DENSE_TFLOPS)
+    p.add_argument("--sides", nargs="+", default=list(SIDES),
+                   choices=["open_clip", "clipforge", "clipforge_offload"],
+                   help="clipforge_offload = the trainer with --offload-activations --checkpoint-chunks 16")
     p.add_argument("--measure-peak", action="store_true", help="also time a bf16 8192^3 matmul")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one subprocess per (phase, arch[, side]) group (default: on cuda only)")
@@ -559,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         profile_dir=a.profile, max_batch_budget_s=a.max_batch_budget,
         total_budget_s=a.total_budget, precision=a.precision, peak_tflops=a.peak_tflops,
         measure_peak=a.measure_peak, diagnostic_no_sync=a.diagnostic_no_sync,
-        isolate=a.isolate, out=a.out)
+        isolate=a.isolate, sides=tuple(a.sides), out=a.out)
     return 0
 
 

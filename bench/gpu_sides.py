@@ -87,9 +87,10 @@ class _Side:
 class ClipforgeSide(_Side):
     name = "clipforge"
 
-    def __init__(self, arch, device, precision, ds_timer_sync: bool = True):
+    def __init__(self, arch, device, precision, ds_timer_sync: bool = True, offload: bool = False, chunks: int = 1):
         super().__init__(arch, device, precision)
         self.ds_timer_sync = ds_timer_sync  # False = diagnostic variant only (DeepSpeed's per-step syncs off)
+        self.offload, self.chunks = offload, chunks  # the trainer's --offload-activations / --checkpoint-chunks
         self.engine = None
 
     def build(self, batch: int) -> None:
@@ -104,7 +105,7 @@ class ClipforgeSide(_Side):
             ds_config["timers"] = {"throughput": {"enabled": False, "synchronized": False}}
         torch.manual_seed(0)
         model = CLIP(get_config(self.arch))
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, offload=self.offload, chunks=self.chunks)
         self.engine, self.scheduler = ds.init_engine(model, cfg, ds_config, total_steps=10**6)
 
     def step(self, images, tokens):
@@ -189,6 +190,8 @@ def make_side(side: str, arch: str, device: str, precision: str) -> _Side:
         return ClipforgeSide(arch, device, precision)
     if side == "clipforge_no_ds_timer_sync":
         return ClipforgeSide(arch, device, precision, ds_timer_sync=False)
+    if side == "clipforge_offload":  # --offload-activations --checkpoint-chunks 16 (the large-batch settings)
+        return ClipforgeSide(arch, device, precision, offload=True, chunks=16)
     if side == "open_clip":
         return OpenClipSide(arch, device, precision)
     raise ValueError(f"unknown side {side!r}")

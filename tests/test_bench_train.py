@@ -61,3 +61,14 @@ def test_max_batch_search_against_fake_limit():
     assert (r["max_batch"], r["stopped_by"]) == (8, "error")
     r = bench.search_max_batch(fake_try(10**9), known_ok=8, start=16, cap=64, deadline=0.0)
     assert (r["max_batch"], r["stopped_by"], r["tries"]) == (8, "time budget", [])
+
+
+def test_bench_train_offload_side_tiny_cpu():
+    """The large-batch clipforge side (--offload-activations --checkpoint-chunks 16) runs through the same bench."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("open_clip")
+    r = _load().run(["tiny"], batch=16, steps=1, device="cpu", warmup=0, max_batch=False,
+                    sides=("open_clip", "clipforge_offload"))
+    rows = {row["side"]: row for row in r["throughput"]}
+    assert set(rows) == {"open_clip", "clipforge_offload"} and rows["clipforge_offload"]["finite"]
+    assert r["summary"]["tiny"]["samples_per_s_ratio_offload"] > 0

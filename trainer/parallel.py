@@ -40,28 +40,80 @@ def frozen_batchnorm_stats(module: nn.Module):
             setattr(m, name, buf)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> int:
+class offload_saved_tensors(torch.autograd.graph.saved_tensors_hooks):
+    """Keep every tensor autograd saves inside this context in `host` memory until backward unpacks it.
+
+    Around a checkpointed block the only tensor saved is the block's input (torch.utils.checkpoint saves it
+    through the user's saved-tensor hooks; what the block computes is recomputed), so with activation offload a
+    GPU holds one block's activations at a time instead of every block's input. A tensor already on `host` is
+    kept as it is (CPU training: nothing to move). From a GPU the copy goes into pinned memory with
+    non_blocking=True: the device-to-host copy and the later host-to-device copy are queued on the same stream,
+    so the stream orders them and the compute that follows, and torch's pinned-memory allocator records the
+    stream before reusing a buffer. `host` is a parameter so that the memory benchmark can send tensors to a
+    device it accounts separately (bench/bench_memory.py uses "meta").
+    """
+
+    def __init__(self, host: str | torch.device = "cpu"):
+        host = torch.device(host)
+
+        def pack(t: torch.Tensor):
+            if t.device == host:
+                return t
+            pin = t.device.type == "cuda"
+            packed = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, device=host, pin_memory=pin)
+            packed.copy_(t, non_blocking=pin)
+            return t.device, packed
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            device, packed = saved
+            return packed.to(device, non_blocking=packed.is_pinned())
+
+        super().__init__(pack, unpack)
+
+
+def apply_activation_checkpointing(model: nn.Module, offload: bool = False, chunks: int = 1,
+                                   host: str = "cpu") -> int:
     """Recompute each block's activations in backward instead of storing them.
 
     Wraps every transformer ResidualAttentionBlock and every ResNet Bottleneck forward (an instance attribute, so
     state_dict keys are unchanged) with torch.utils.checkpoint.checkpoint(use_reentrant=False). The recomputation
     of a Bottleneck runs with its BatchNorm running-stat updates switched off, so a checkpointed step leaves the
-    same running stats (and gives the same loss and grads) as an uncheckpointed one. Idempotent. Returns the
-    number of blocks wrapped.
+    same running stats (and gives the same loss and grads) as an uncheckpointed one.
+
+    Two memory options for very large batches, both exact (same loss and gradients up to float rounding):
+    * `offload`: the block inputs (all that checkpointing keeps) wait for backward in `host` memory
+      (offload_saved_tensors), so the device holds one block's activations instead of every block's input. Cost:
+      per sample and block one copy of the input each way over PCIe.
+    * `chunks` > 1 (transformer blocks only): the batch is split into `chunks` parts and each part is checkpointed
+      on its own. A transformer block treats every sample independently, so the result is the same, and the
+      block being recomputed in backward (its MLP hidden state is 4x its input, kept three times in the MLP's
+      backward) holds 1/chunks of the batch. The split is along dim 0 and is skipped when the batch is smaller
+      than `chunks`. (A Bottleneck's BatchNorm needs the whole batch, so ResNet blocks are never split.)
+    Idempotent. Returns the number of blocks wrapped.
     """
+    if chunks < 1:
+        raise ValueError(f"checkpoint chunks must be >= 1, got {chunks}")
     wrapped = 0
     for module in model.modules():
         if isinstance(module, CHECKPOINTED) and not getattr(module, "_checkpointed", False):
             inner = module.forward  # the bound original forward
+            split = chunks if isinstance(module, ResidualAttentionBlock) else 1
 
             def context_fn(_module=module):
                 return contextlib.nullcontext(), frozen_batchnorm_stats(_module)  # (forward, recompute)
 
             @functools.wraps(inner)
-            def forward(*args, _inner=inner, _context_fn=context_fn, **kwargs):
+            def forward(x, *args, _inner=inner, _context_fn=context_fn, _split=split, **kwargs):
                 if not torch.is_grad_enabled():  # eval / no_grad: nothing to save, call directly
-                    return _inner(*args, **kwargs)
-                return checkpoint(_inner, *args, use_reentrant=False, context_fn=_context_fn, **kwargs)
+                    return _inner(x, *args, **kwargs)
+                with offload_saved_tensors(host) if offload else contextlib.nullcontext():
+                    if _split > 1 and x.shape[0] >= _split:
+                        return torch.cat([checkpoint(_inner, part, *args, use_reentrant=False,
+                                                     context_fn=_context_fn, **kwargs)
+                                          for part in x.chunk(_split)], dim=0)
+                    return checkpoint(_inner, x, *args, use_reentrant=False, context_fn=_context_fn, **kwargs)
 
             module.forward = forward
             module._checkpointed = True

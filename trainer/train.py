@@ -65,6 +65,8 @@ class TrainConfig:
     nproc: int = 1
     zero: int = 2
     grad_checkpointing: bool = True
+    offload_activations: bool = False  # checkpointed blocks' inputs wait for backward in (pinned) host memory
+    checkpoint_chunks: int = 1  # recompute each transformer block in this many batch chunks (less peak memory)
     precision: str = "auto"  # auto -> bf16 on GPU, fp32 on CPU; fp16 (dynamic loss scaling) needs a GPU
     seed: int = 0
     workers: int = 0
@@ -130,6 +132,11 @@ def parse_args(argv: list[str]) -> TrainConfig:
     p.add_argument("--nproc", type=int)
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3])
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --grad-checkpointing: keep each block's input in host memory until backward")
+    p.add_argument("--checkpoint-chunks", type=int,
+                   help="with --grad-checkpointing: checkpoint each transformer block in K batch chunks, so the "
+                        "block recomputed in backward holds 1/K of the batch (default 1)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int)
@@ -159,11 +166,14 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     get_config(cfg.model)  # KeyError on unknown model
-    for name in ("batch_size", "grad_accum", "nproc", "log_every"):
+    for name in ("batch_size", "grad_accum", "nproc", "log_every", "checkpoint_chunks"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.steps < 0 or (cfg.steps == 0 and cfg.epochs < 1):
         raise ValueError("need --steps >= 1 or --epochs >= 1")
+    if (cfg.offload_activations or cfg.checkpoint_chunks > 1) and not cfg.grad_checkpointing:
+        raise ValueError("--offload-activations and --checkpoint-chunks apply to checkpointed blocks: "
+                         "they need --grad-checkpointing")
     if cfg.loss not in LOSSES:
         raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -397,8 +407,8 @@ def train(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
     model = CLIP(model_config)
-    if cfg.grad_checkpointing:
-        apply_activation_checkpointing(model)  # from the outside; state_dict keys unchanged
+    if cfg.grad_checkpointing:  # from the outside; state_dict keys unchanged
+        apply_activation_checkpointing(model, offload=cfg.offload_activations, chunks=cfg.checkpoint_chunks)
     engine, scheduler = ds.init_engine(make_train_module(model, cfg.loss), cfg, ds_config, total_steps)
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank randomness of the step (patch dropout)
     random.seed(cfg.seed * 1000 + rank)

@@ -1,0 +1,130 @@
+"""Memory options of activation checkpointing (offload of block inputs, batch-chunked recompute), the low-precision
+LayerNorm, and the fake-tensor memory benchmark (bench/bench_memory.py) that measures them without a GPU."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import load_bench, loss_and_grads, write_shards
+from trainer.model import CLIP, LayerNorm, get_config
+from trainer.parallel import apply_activation_checkpointing, offload_saved_tensors
+from trainer.tokenizer import tokenize
+from trainer.train import main
+
+
+def tiny_model(**ckpt):
+    torch.manual_seed(0)
+    model = CLIP(get_config("tiny"))
+    if ckpt is not None and ckpt.get("on", True):
+        ckpt.pop("on", None)
+        apply_activation_checkpointing(model, **ckpt)
+    return model
+
+
+def batch(n):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 64, 64, generator=g), tokenize([f"{i} red dogs" for i in range(n)], context_length=32)
+
+
+@pytest.mark.parametrize("opts", [dict(offload=True), dict(chunks=3), dict(offload=True, chunks=4)])
+def test_offload_and_chunks_give_the_same_loss_and_grads(opts):
+    images, tokens = batch(7)  # 7 rows in 3 or 4 chunks: uneven parts
+    loss_a, grads_a = loss_and_grads(tiny_model(on=False), images, tokens)
+    loss_b, grads_b = loss_and_grads(tiny_model(**opts), images, tokens)
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+
+
+def test_offload_saves_only_block_inputs():
+    """Under checkpointing, the saved-tensor hooks see exactly one tensor per block: its input."""
+    seen = []
+
+    class Spy(offload_saved_tensors):
+        def __init__(self, host="cpu"):
+            super().__init__(host)
+            pack = self.pack_hook
+            self.pack_hook = lambda t: (seen.append(tuple(t.shape)), pack(t))[1]
+
+    import trainer.parallel as parallel
+
+    original = parallel.offload_saved_tensors
+    parallel.offload_saved_tensors = Spy
+    try:
+        model = tiny_model(offload=True, chunks=2)
+        images, tokens = batch(4)
+        image_features, text_features, scale = model(images, tokens)
+    finally:
+        parallel.offload_saved_tensors = original
+    cfg = get_config("tiny")
+    grid = (cfg.vision.image_size // cfg.vision.patch_size) ** 2 + 1
+    image_inputs = [s for s in seen if s[1:] == (grid, cfg.vision.width)]
+    text_inputs = [s for s in seen if s[1:] == (32, cfg.text.width)]
+    assert len(image_inputs) == 2 * cfg.vision.layers and len(text_inputs) == 2 * cfg.text.layers  # 2 chunks each
+    assert len(seen) == len(image_inputs) + len(text_inputs) and all(s[0] == 2 for s in seen)
+
+
+def test_chunks_rejected_below_one_and_flags_need_checkpointing(tmp_path, capsys):
+    with pytest.raises(ValueError, match="chunks"):
+        apply_activation_checkpointing(CLIP(get_config("tiny")), chunks=0)
+    shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=8)
+    assert main(["--shards", str(shards), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                 "--no-grad-checkpointing", "--offload-activations"]) == 2
+    assert "need --grad-checkpointing" in capsys.readouterr().err
+
+
+def test_training_run_with_offload_and_chunks(tmp_path):
+    shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=16)
+    out = tmp_path / "run"
+    assert main(["--shards", str(shards), "--out", str(out), "--preset", "tiny", "--steps", "2", "--nproc", "1",
+                 "--grad-checkpointing", "--offload-activations", "--checkpoint-chunks", "2"]) == 0
+    resolved = json.loads((out / "train_config.json").read_text())
+    assert resolved["offload_activations"] is True and resolved["checkpoint_chunks"] == 2
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_bf16_layernorm_matches_fp32_reference_and_keeps_no_fp32_copy():
+    torch.manual_seed(0)
+    ln = LayerNorm(96)
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
+    x = torch.randn(8, 40, 96) * 4 + 2
+    ref = F.layer_norm(x, (96,), ln.weight, ln.bias, ln.eps)  # fp32
+    out = ln.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)  # bf16 rounding of the result only
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.shape)) or t, lambda t: t):
+        ln(x.bfloat16().requires_grad_())
+    full = [dtype for dtype, shape in saved if shape == x.shape]
+    assert full == [torch.bfloat16]  # the input, saved once in bf16 (no fp32 copy of the activations)
+
+
+# ------------------------------------------------------------------------------------- bench/bench_memory.py
+def test_live_bytes_counts_allocations_views_and_frees():
+    bench = load_bench("bench_memory")
+    tracker = bench.LiveBytes()
+    with tracker:
+        a = torch.empty(1024)  # 4 KiB
+        v = a.view(32, 32)  # a view: no new bytes
+        b = torch.empty(2048, dtype=torch.bfloat16)  # 4 KiB
+        del b
+        c = torch.empty(256)  # 1 KiB, after b was freed
+    assert tracker.peak["cpu"] == 8192 and tracker.current["cpu"] == 4096 + 1024
+    del a, v, c
+
+
+def test_memory_bench_tiny_orders_the_variants(tmp_path):
+    pytest.importorskip("open_clip")
+    bench = load_bench("bench_memory")
+    plain = bench.simulate("tiny", "clipforge", 256)
+    offload = bench.simulate("tiny", "clipforge", 256, offload=True)
+    chunked = bench.simulate("tiny", "clipforge", 256, offload=True, chunks=8)
+    assert plain["host_gib"] == 0 and offload["host_gib"] > 0  # block inputs went to the simulated host
+    assert chunked["device_gib"] < offload["device_gib"] < plain["device_gib"]
+    oc = bench.simulate("tiny", "open_clip", 256)
+    assert oc["device_gib"] > 0 and oc["host_gib"] == 0
+    best, runs = bench.largest_batch("tiny", "clipforge", budget_gib=chunked["device_gib"], cap=1024,
+                                     probe=64, offload=True, chunks=8)
+    assert best == 256 and runs > 2  # the budget is the peak at 256: the search lands there
