@@ -32,6 +32,9 @@ backward); "hardware FLOPs" adds the forward of every checkpointed block once mo
 FLOPs/s / peak, HFU = hardware FLOPs/s / peak, peak = --peak-tflops (default 989 = H100 SXM dense bf16 spec); with
 --measure-peak the script also times a bf16 8192^3 matmul and reports MFU against that measured ceiling.
 
+--sides open_clip clipforge clipforge_offload adds the trainer's large-batch settings (--offload-activations
+--checkpoint-chunks 16) as a third side: its largest batch and samples/s (summary keys *_offload).
+
 Diagnostics (extra rows, clearly named; the trainer is not changed): --diagnostic-no-sync (DeepSpeed's throughput
 timer, two device syncs per step, off), --profile DIR
 (torch.profiler tables of 3 steps per side).
