@@ -29,7 +29,6 @@ open_clip fitted 11,776 (ViT-B/32) and 5,632 (ViT-B/16); this simulation puts th
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -43,8 +42,9 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "bench"):  # trainer/ and gpu_sides.py (open_clip's model built as bench_train_gpu builds it)
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 GIB = 2**30
 HOST = "meta"  # where simulated activation offload puts tensors (any device other than the simulated one)
@@ -56,15 +56,14 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.current, self.peak = defaultdict(int), defaultdict(int)
-        self._seen = WeakIdKeyDictionary()
-        self._ids = itertools.count()
+        self._seen = WeakIdKeyDictionary()  # storage -> bytes
 
     def track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage in self._seen:  # a view of a storage already counted
             return
         n, dev = storage.nbytes(), t.device.type
-        self._seen[storage] = next(self._ids)
+        self._seen[storage] = n
         self.current[dev] += n
         self.peak[dev] = max(self.peak[dev], self.current[dev])
         weakref.finalize(storage, self._release, dev, n)
@@ -91,24 +90,18 @@ def _fake_params(module: torch.nn.Module, mode) -> None:
                 m._buffers[name] = mode.from_tensor(b)
 
 
-def _contrastive(image_features, text_features, logit_scale):
-    from trainer.loss import clip_loss  # the same loss math for both sides (open_clip's ClipLoss is identical)
-
-    return clip_loss(image_features, text_features, logit_scale)
-
-
 def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: int = 1, steps: int = 1) -> dict:
     """Peak live GiB (device and host) of `steps` training steps of `side` at `batch`, simulated. The optimizer
     state exists from the start (as from the second step of a real run)."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
+    from trainer.loss import clip_loss  # the same loss math for both sides (open_clip's ClipLoss is identical)
     from trainer.model import CLIP, get_config
 
     cfg = get_config(arch)
     with FakeTensorMode() as mode:
         with unset_fake_temporarily():  # real weights on the CPU (a few hundred MB), made fake below
             if side == "open_clip":
-                sys.path.insert(0, str(ROOT / "bench"))
                 from gpu_sides import OpenClipSide
 
                 model = OpenClipSide.build_model(arch)
@@ -147,7 +140,7 @@ def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: in
                     out = model(images, tokens)
                     if isinstance(out, dict):
                         out = (out["image_features"], out["text_features"], out["logit_scale"])
-                    loss = _contrastive(*out[:3])
+                    loss = clip_loss(*out[:3])
                 loss.backward()
                 if optimizer is not None:
                     optimizer.step()

@@ -13,12 +13,11 @@ from trainer.tokenizer import tokenize
 from trainer.train import main
 
 
-def tiny_model(**ckpt):
+def tiny_model(checkpointing=True, **opts):
     torch.manual_seed(0)
     model = CLIP(get_config("tiny"))
-    if ckpt is not None and ckpt.get("on", True):
-        ckpt.pop("on", None)
-        apply_activation_checkpointing(model, **ckpt)
+    if checkpointing:
+        apply_activation_checkpointing(model, **opts)
     return model
 
 
@@ -30,7 +29,7 @@ def batch(n):
 @pytest.mark.parametrize("opts", [dict(offload=True), dict(chunks=3), dict(offload=True, chunks=4)])
 def test_offload_and_chunks_give_the_same_loss_and_grads(opts):
     images, tokens = batch(7)  # 7 rows in 3 or 4 chunks: uneven parts
-    loss_a, grads_a = loss_and_grads(tiny_model(on=False), images, tokens)
+    loss_a, grads_a = loss_and_grads(tiny_model(checkpointing=False), images, tokens)
     loss_b, grads_b = loss_and_grads(tiny_model(**opts), images, tokens)
     torch.testing.assert_close(loss_a, loss_b)
     for name in grads_a:
