@@ -3,6 +3,7 @@
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -21,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def ray_cluster(tmp_path, free_port):
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    # The cluster's own token (Ray >= 2.60, token auth): `ray start` does not create one, and the job CLI needs it.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     gcs, dash = free_port(), free_port()
     temp = Path("/tmp") / f"cf-ray-{os.getpid()}-{gcs}"  # short: Ray's unix socket paths have a length limit
     cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
@@ -79,3 +81,27 @@ def test_crawl_runs_as_a_ray_job(ray_cluster, tmp_path, free_port):
     m = json.loads((out / crawl.MANIFEST).read_text())
     assert m["complete"] and m["totals"]["rows"] == summary["rows"]
     assert m["totals"]["success"] == summary["rows"] - 4  # 404, not an image, truncated, opt-out
+
+
+def test_train_job_sh_runs_ray_train_as_a_ray_job(ray_cluster, tmp_path):
+    """infra/ray/train_job.sh against the cluster: `ray job submit -- python -m trainer.ray_launch` runs
+    trainer.train on 2 Ray Train workers (CPU, gloo) inside the job; rank 0 writes the run dir."""
+    from helpers import write_shards
+    from trainer.checkpoint import load_model
+
+    api, env, bin_dir = ray_cluster
+    shards = write_shards(tmp_path / "shards", n_shards=2, per_shard=8, size=32)
+    out = tmp_path / "run"
+    env = {**env, "RAY_API_SERVER_ADDRESS": api, "RAY_LAUNCH_FLAGS": "--cpus-per-worker 1"}
+    cmd = ["bash", "infra/ray/train_job.sh", str(shards), str(out), "2", "--model", "tiny", "--precision", "fp32",
+           "--batch-size", "4", "--steps", "2", "--warmup", "1", "--shuffle-buffer", "4", "--log-every", "1"]
+    for _ in range(30):  # as above: retry only while the head's agent has not registered
+        job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in job.stderr + job.stdout:
+            break
+        time.sleep(2)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert json.loads((out / "train_config.json").read_text())["zero"] == 2  # the script's default, kept
+    assert load_model(out / "checkpoint").config.embed_dim > 0
