@@ -115,3 +115,111 @@ def test_stand_ins_fail_when_one_node_fails(stand_ins, command):
     proc = subprocess.run(cmd, env={**os.environ, "PATH": stand_ins, "SLURM_NNODES": "2"},
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ static checks
+class _Parsed(Exception):
+    pass
+
+
+def check_cli(argv: list[str]) -> None:
+    """`python -m MODULE ARGS...` as a job would run it: the module's own argparse must accept ARGS (its main() is
+    stopped right after parsing, before it does any work)."""
+    assert argv[:2] == ["python", "-m"], argv
+    module, args = argv[2], argv[3:]
+    if module == "trainer.ray_launch":  # launcher flags, then `--`, then the trainer's flags
+        from trainer import ray_launch, train
+
+        _, train_argv = ray_launch.parse_launch_args(args)
+        train.parse_args(train_argv)
+        return
+    import argparse
+    import importlib
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, a=None, namespace=None):
+        raise _Parsed(real(self, a, namespace))
+
+    argparse.ArgumentParser.parse_args = parse_then_stop
+    try:
+        with pytest.raises(_Parsed):
+            importlib.import_module(module).main(args)
+    finally:
+        argparse.ArgumentParser.parse_args = real
+
+
+def test_check_cli_rejects_a_bad_flag():
+    with pytest.raises(SystemExit):
+        check_cli(["python", "-m", "pipeline.crawl", "urls.parquet", "out", "--no-such-flag"])
+    with pytest.raises(SystemExit):
+        check_cli(["python", "-m", "trainer.ray_launch", "--num-workers", "2", "--", "--shards", "s", "--out", "o",
+                   "--zero", "5"])
+
+
+def _kuberay_docs():
+    import yaml  # a dependency of ray
+    for path in sorted((ROOT / "infra/kuberay").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            yield path.name, doc
+
+
+def test_kuberay_manifests_are_consistent():
+    """What `kubectl apply` and the KubeRay operator check (types, names, references), plus ours: the Ray version
+    of the image, token auth, and entrypoints that our CLIs accept."""
+    import ray
+
+    docs = list(_kuberay_docs())
+    assert {name for name, _ in docs} == {"raycluster.yaml", "rayjob-crawl.yaml", "rayjob-train.yaml"}
+    tag = next(line.split(" -t ")[1].split()[0] for line in (ROOT / "infra/docker/Dockerfile").read_text().splitlines()
+               if "docker build" in line)  # the tag the Dockerfile's build line gives the image
+    for name, doc in docs:
+        assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in ("RayCluster", "RayJob"), name
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        assert spec["rayVersion"] == ray.__version__, name  # the Ray the image installs (pyproject's ray)
+        assert spec["authOptions"] == {"mode": "token"}, name  # Ray >= 2.60 turns token auth on: a token is needed
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            assert all(isinstance(v, str) for v in group["rayStartParams"].values()), name  # map[string]string
+            pod = group["template"]["spec"]
+            volumes = {v["name"] for v in pod.get("volumes", [])}
+            for c in pod["containers"]:
+                assert c["image"].split(":")[0] == tag, name
+                assert {m["name"] for m in c.get("volumeMounts", [])} <= volumes, name
+                env = {e["name"]: e["value"] for e in c.get("env", [])}
+                assert "RAY_AUTH_MODE" not in env and env.get("NO_ALBUMENTATIONS_UPDATE") == "1", name
+        for g in spec["workerGroupSpecs"]:
+            assert g.get("minReplicas", 0) <= g["replicas"] <= g.get("maxReplicas", g["replicas"]), name
+        if doc["kind"] == "RayJob":
+            check_cli(shlex.split(doc["spec"]["entrypoint"]))
+
+
+def test_kuberay_train_job_matches_its_cluster():
+    """rayjob-train: as many Ray Train workers as GPUs in the worker group, one GPU each, and the run resumes."""
+    (doc,) = [d for name, d in _kuberay_docs() if name == "rayjob-train.yaml"]
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    from trainer import ray_launch, train
+
+    launch, train_argv = ray_launch.parse_launch_args(argv[3:])
+    (group,) = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert launch.use_gpu and launch.num_workers == group["replicas"] * gpus
+    cfg = train.parse_args(train_argv)
+    assert cfg.resume == "latest" and cfg.save_every > 0 and launch.max_failures > 0
+    assert all(p.startswith("/data/") for p in (*cfg.shards, cfg.out, launch.storage_path))  # the shared PVC
+
+
+def test_ray_cluster_launcher_config():
+    import yaml  # a dependency of ray
+    text = (ROOT / "infra/ray/cluster.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    assert cfg["provider"]["type"] == "local" and cfg["min_workers"] == cfg["max_workers"] == len(
+        cfg["provider"]["worker_ips"])
+    assert "~/.ray/auth_token" in cfg["file_mounts"]  # every node gets the token before `ray start`
+    for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        if "ray start" in cmd:
+            assert cmd.startswith("RAY_AUTH_MODE=token ")
+    jobs = [line.split(" -- ", 1)[1] for line in text.splitlines() if line.startswith("#   ray job submit")]
+    assert len(jobs) == 3
+    for job in jobs:
+        check_cli(shlex.split(job))
