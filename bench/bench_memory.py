@@ -29,6 +29,7 @@ open_clip fitted 11,776 (ViT-B/32) and 5,632 (ViT-B/16); this simulation puts th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -90,9 +91,26 @@ def _fake_params(module: torch.nn.Module, mode) -> None:
                 m._buffers[name] = mode.from_tensor(b)
 
 
-def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: int = 1, steps: int = 1) -> dict:
+def _flop_counter():
+    """torch's FLOP counter, taught the CPU flash-attention ops (what SDPA runs on a fake CPU tensor) with the
+    formulas it uses for the CUDA ones."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
+    })
+
+
+def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: int = 1, policy: str = "full",
+             steps: int = 1, count_flops: bool = False) -> dict:
     """Peak live GiB (device and host) of `steps` training steps of `side` at `batch`, simulated. The optimizer
-    state exists from the start (as from the second step of a real run)."""
+    state exists from the start (as from the second step of a real run). With count_flops: instead the GFLOP per
+    sample the step executes, recomputation included (torch's FLOP counter keeps tensors alive for its module
+    tracking, so it does not run in a memory simulation)."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from trainer.loss import clip_loss  # the same loss math for both sides (open_clip's ClipLoss is identical)
@@ -129,9 +147,9 @@ def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: in
         else:
             from trainer.parallel import apply_activation_checkpointing
 
-            apply_activation_checkpointing(model, offload=offload, chunks=chunks, host=HOST)
+            apply_activation_checkpointing(model, offload=offload, chunks=chunks, host=HOST, policy=policy)
             optimizer, autocast = None, torch.autocast("cpu", enabled=False)
-        with tracker:
+        with tracker, (_flop_counter() if count_flops else contextlib.nullcontext()) as flops:
             if optimizer is None:  # DeepSpeed ZeRO-2 bf16 state on one rank (see the module docstring)
                 zero_state = [torch.empty(n_params, dtype=torch.float32) for _ in range(4)]  # noqa: F841
                 bucket = torch.empty(min(int(5e8), n_params), dtype=torch.bfloat16)  # noqa: F841
@@ -149,6 +167,8 @@ def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: in
                     for p in model.parameters():
                         p.grad = None  # DeepSpeed moves them into its buckets, then frees them
                 del out, loss
+    if count_flops:
+        return {"gflop_per_sample": flops.get_total_flops() / steps / batch / 1e9}
     return {"device_gib": tracker.peak["cpu"] / GIB, "host_gib": tracker.peak[HOST] / GIB}
 
 
@@ -185,8 +205,11 @@ def largest_batch(arch: str, side: str, budget_gib: float, cap: int, step: int =
 
 def run(archs, budget_gib: float, batches, cap: int, chunks: int, out: str | None = None) -> dict:
     variants = [("open_clip", {}), ("clipforge", {}), ("clipforge+offload", {"offload": True}),
-                (f"clipforge+offload+chunks{chunks}", {"offload": True, "chunks": chunks})]
-    result = {"budget_gib": budget_gib, "torch": torch.__version__, "rows": [], "largest": {}}
+                (f"clipforge+offload+chunks{chunks}", {"offload": True, "chunks": chunks}),
+                ("clipforge+selective", {"policy": "selective"}),
+                (f"clipforge+selective+offload+chunks{chunks}", {"policy": "selective", "offload": True,
+                                                                 "chunks": chunks})]
+    result = {"budget_gib": budget_gib, "torch": torch.__version__, "rows": [], "largest": {}, "gflop_per_sample": {}}
     for arch in archs:
         for name, kw in variants:
             side = name.split("+")[0]
@@ -196,16 +219,26 @@ def run(archs, budget_gib: float, batches, cap: int, chunks: int, out: str | Non
                 row = {"arch": arch, "side": name, "batch": b, **{k: round(v, 3) for k, v in r.items()},
                        "sim_s": round(time.perf_counter() - t, 1)}
                 result["rows"].append(row)
-                print(f"{arch:10s} {name:32s} batch {b:6d}  device {r['device_gib']:7.2f} GiB  "
+                print(f"{arch:10s} {name:40s} batch {b:6d}  device {r['device_gib']:7.2f} GiB  "
                       f"host {r['host_gib']:6.2f} GiB", flush=True)
+            gflop = simulate(arch, side, batches[0], count_flops=True, **kw)["gflop_per_sample"]
+            result["gflop_per_sample"].setdefault(arch, {})[name] = round(gflop, 2)
+            print(f"{arch:10s} {name:40s} executes {gflop:.1f} GFLOP per sample (batch {batches[0]})", flush=True)
             best, runs = largest_batch(arch, side, budget_gib, cap, **kw)
             result["largest"].setdefault(arch, {})[name] = best
-            print(f"{arch:10s} {name:32s} largest batch in {budget_gib} GiB: {best}{' (cap)' if best >= cap else ''}"
+            print(f"{arch:10s} {name:40s} largest batch in {budget_gib} GiB: {best}{' (cap)' if best >= cap else ''}"
                   f"  [{runs} simulations]", flush=True)
         base = result["largest"][arch]["open_clip"]
         for name, best in result["largest"][arch].items():
             if name != "open_clip" and base:
                 print(f"ratio {arch} {name}/open_clip largest batch: {best / base:.2f}", flush=True)
+        # Executed FLOPs per sample (recomputation included): where a step is compute-bound, samples/s scale with
+        # their inverse, so open_clip's / clipforge's is the speed-up such a step can get from less recomputation.
+        work = result["gflop_per_sample"][arch]
+        for name, gflop in work.items():
+            if name != "open_clip":
+                print(f"ratio {arch} open_clip/{name} executed FLOPs per sample: {work['open_clip'] / gflop:.2f}",
+                      flush=True)
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
     return result

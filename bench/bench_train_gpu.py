@@ -32,8 +32,9 @@ backward); "hardware FLOPs" adds the forward of every checkpointed block once mo
 FLOPs/s / peak, HFU = hardware FLOPs/s / peak, peak = --peak-tflops (default 989 = H100 SXM dense bf16 spec); with
 --measure-peak the script also times a bf16 8192^3 matmul and reports MFU against that measured ceiling.
 
---sides open_clip clipforge clipforge_offload adds the trainer's large-batch settings (--offload-activations
---checkpoint-chunks 16) as a third side: its largest batch and samples/s (summary keys *_offload).
+--sides open_clip clipforge clipforge_offload clipforge_selective adds the trainer's large-batch settings
+(--offload-activations --checkpoint-chunks 16; summary keys *_offload) and its fast setting (--checkpoint-policy
+selective: no matmul recomputed, HFU = MFU; summary keys *_selective) as more sides: largest batch and samples/s.
 
 Diagnostics (extra rows, clearly named; the trainer is not changed): --diagnostic-no-sync (DeepSpeed's throughput
 timer, two device syncs per step, off), --profile DIR
@@ -91,6 +92,7 @@ from gpu_sides import (_is_oom, _Side, flops_per_sample, make_side, measure_matm
                        synthetic_batch)
 
 SIDES = ("open_clip", "clipforge")
+VARIANT_SIDES = ("clipforge_offload", "clipforge_selective")  # the trainer with other checkpointing settings
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 
 
@@ -162,7 +164,7 @@ def measure_throughput(side: str, arch: str, batch: int, warmup: int, steps: int
     if device.startswith("cuda"):
         r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         r["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    r.update(_mfu(arch, batch, r["samples_per_s"], peak_tflops))
+    r.update(_mfu(arch, batch, r["samples_per_s"], peak_tflops, recompute=s.recomputes_matmuls))
     if profile_dir:
         r["profile"] = profile_steps(s, images, tokens, device, Path(profile_dir) / f"prof_{arch}_{side}_{batch}.txt")
     s.free()
@@ -195,13 +197,15 @@ def profile_steps(s: _Side, images, tokens, device: str, path: Path, n: int = 3)
     return {"file": path.name, "wall_ms_per_step_profiled": 1000 * wall}
 
 
-def _mfu(arch: str, batch: int, samples_per_s: float, peak_tflops: float) -> dict:
+def _mfu(arch: str, batch: int, samples_per_s: float, peak_tflops: float, recompute: bool = True) -> dict:
+    """recompute=False: selective checkpointing, no matmul runs twice (hardware FLOPs = model FLOPs)."""
     f = flops_per_sample(arch, batch)
     if f is None:
         return {}
-    return {"model_gflops_per_sample": f["model"] / 1e9, "hardware_gflops_per_sample": f["hardware"] / 1e9,
+    hardware = f["hardware"] if recompute else f["model"]
+    return {"model_gflops_per_sample": f["model"] / 1e9, "hardware_gflops_per_sample": hardware / 1e9,
             "model_tflops": samples_per_s * f["model"] / 1e12, "mfu": samples_per_s * f["model"] / (peak_tflops * 1e12),
-            "hfu": samples_per_s * f["hardware"] / (peak_tflops * 1e12)}
+            "hfu": samples_per_s * hardware / (peak_tflops * 1e12)}
 
 
 def try_batch(side: str, arch: str, batch: int, device: str, precision: str, steps: int = 2) -> dict:
@@ -340,7 +344,8 @@ def _job(spec: dict) -> dict:
                 r["samples_per_s_at_max_1step"] = r["max_batch"] / r["step_s_at_max"]
                 r.update({f"{k}_at_max_1step": v for k, v in _mfu(spec["arch"], r["max_batch"],
                                                                    r["samples_per_s_at_max_1step"],
-                                                                   spec["peak_tflops"]).items()
+                                                                   spec["peak_tflops"],
+                                                                   recompute=side != "clipforge_selective").items()
                           if k in ("mfu", "hfu")})
             print(f"  -> {side} {spec['arch']}: max batch {r['max_batch']} (first OOM {r['first_oom']}, "
                   f"stopped by {r['stopped_by']})", flush=True)
@@ -483,11 +488,12 @@ def summarize(res: dict, batch: int) -> dict:
             s["max_batch_ratio"] = mb["clipforge"]["max_batch"] / mb["open_clip"]["max_batch"]
             s["max_batch_ratio_is_lower_bound"] = bool(mb["clipforge"]["capped"] or
                                                        mb["clipforge"]["stopped_by"] == "time budget")
-        if "clipforge_offload" in mb and "open_clip" in mb and mb["open_clip"]["max_batch"]:
-            s["max_batch_ratio_offload"] = mb["clipforge_offload"]["max_batch"] / mb["open_clip"]["max_batch"]
-        if "clipforge_offload" in thr and "open_clip" in thr:
-            s["samples_per_s_ratio_offload"] = (thr["clipforge_offload"]["samples_per_s"]
-                                                / thr["open_clip"]["samples_per_s"])
+        for variant in VARIANT_SIDES:  # clipforge_offload -> *_offload keys, clipforge_selective -> *_selective
+            suffix = variant.removeprefix("clipforge")
+            if variant in mb and "open_clip" in mb and mb["open_clip"]["max_batch"]:
+                s[f"max_batch_ratio{suffix}"] = mb[variant]["max_batch"] / mb["open_clip"]["max_batch"]
+            if variant in thr and "open_clip" in thr:
+                s[f"samples_per_s_ratio{suffix}"] = thr[variant]["samples_per_s"] / thr["open_clip"]["samples_per_s"]
         out[arch] = s
     return out
 
@@ -552,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time clipforge with DeepSpeed's throughput timer (2 syncs/step) off (a diagnostic)")
     p.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_DENSE_TFLOPS)
     p.add_argument("--sides", nargs="+", default=list(SIDES),
-                   choices=["open_clip", "clipforge", "clipforge_offload"],
-                   help="clipforge_offload = the trainer with --offload-activations --checkpoint-chunks 16")
+                   choices=[*SIDES, *VARIANT_SIDES],
+                   help="clipforge_offload = the trainer with --offload-activations --checkpoint-chunks 16; "
+                        "clipforge_selective = with --checkpoint-policy selective")
     p.add_argument("--measure-peak", action="store_true", help="also time a bf16 8192^3 matmul")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one subprocess per (phase, arch[, side]) group (default: on cuda only)")

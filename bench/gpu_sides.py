@@ -70,6 +70,7 @@ class _Side:
     """One trainer's step on one arch; build() makes a fresh model + optimizer, step() runs one training step."""
 
     name = ""
+    recomputes_matmuls = True  # full activation checkpointing: every checkpointed block's forward runs twice
 
     def __init__(self, arch: str, device: str, precision: str):
         self.arch, self.device, self.precision = arch, device, precision
@@ -87,10 +88,13 @@ class _Side:
 class ClipforgeSide(_Side):
     name = "clipforge"
 
-    def __init__(self, arch, device, precision, ds_timer_sync: bool = True, offload: bool = False, chunks: int = 1):
+    def __init__(self, arch, device, precision, ds_timer_sync: bool = True, offload: bool = False, chunks: int = 1,
+                 policy: str = "full"):
         super().__init__(arch, device, precision)
         self.ds_timer_sync = ds_timer_sync  # False = diagnostic variant only (DeepSpeed's per-step syncs off)
-        self.offload, self.chunks = offload, chunks  # the trainer's --offload-activations / --checkpoint-chunks
+        # the trainer's --offload-activations / --checkpoint-chunks / --checkpoint-policy
+        self.offload, self.chunks, self.policy = offload, chunks, policy
+        self.recomputes_matmuls = policy == "full"
         self.engine = None
 
     def build(self, batch: int) -> None:
@@ -105,7 +109,7 @@ class ClipforgeSide(_Side):
             ds_config["timers"] = {"throughput": {"enabled": False, "synchronized": False}}
         torch.manual_seed(0)
         model = CLIP(get_config(self.arch))
-        apply_activation_checkpointing(model, offload=self.offload, chunks=self.chunks)
+        apply_activation_checkpointing(model, offload=self.offload, chunks=self.chunks, policy=self.policy)
         self.engine, self.scheduler = ds.init_engine(model, cfg, ds_config, total_steps=10**6)
 
     def step(self, images, tokens):
@@ -192,6 +196,8 @@ def make_side(side: str, arch: str, device: str, precision: str) -> _Side:
         return ClipforgeSide(arch, device, precision, ds_timer_sync=False)
     if side == "clipforge_offload":  # --offload-activations --checkpoint-chunks 16 (the large-batch settings)
         return ClipforgeSide(arch, device, precision, offload=True, chunks=16)
+    if side == "clipforge_selective":  # --checkpoint-policy selective (no matmul recomputed)
+        return ClipforgeSide(arch, device, precision, policy="selective")
     if side == "open_clip":
         return OpenClipSide(arch, device, precision)
     raise ValueError(f"unknown side {side!r}")

@@ -63,12 +63,17 @@ def test_max_batch_search_against_fake_limit():
     assert (r["max_batch"], r["stopped_by"], r["tries"]) == (8, "time budget", [])
 
 
-def test_bench_train_offload_side_tiny_cpu():
-    """The large-batch clipforge side (--offload-activations --checkpoint-chunks 16) runs through the same bench."""
+def test_bench_train_variant_sides_tiny_cpu():
+    """The large-batch clipforge side (--offload-activations --checkpoint-chunks 16) and the fast one
+    (--checkpoint-policy selective) run through the same bench, with their own summary keys."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("open_clip")
     r = _load().run(["tiny"], batch=16, steps=1, device="cpu", warmup=0, max_batch=False,
-                    sides=("open_clip", "clipforge_offload"))
+                    sides=("open_clip", "clipforge_offload", "clipforge_selective"))
     rows = {row["side"]: row for row in r["throughput"]}
-    assert set(rows) == {"open_clip", "clipforge_offload"} and rows["clipforge_offload"]["finite"]
+    assert set(rows) == {"open_clip", "clipforge_offload", "clipforge_selective"}
+    assert rows["clipforge_offload"]["finite"] and rows["clipforge_selective"]["finite"]
     assert r["summary"]["tiny"]["samples_per_s_ratio_offload"] > 0
+    assert r["summary"]["tiny"]["samples_per_s_ratio_selective"] > 0
+    assert rows["clipforge_selective"]["hfu"] == rows["clipforge_selective"]["mfu"]  # no matmul recomputed
+    assert rows["clipforge_offload"]["hfu"] > rows["clipforge_offload"]["mfu"]

@@ -162,8 +162,9 @@ def test_resnet_structure_and_parameter_count():
 
 
 # ------------------------------------------------------------------------------------------- checkpointing
+@pytest.mark.parametrize("policy", ["full", "selective"])
 @pytest.mark.parametrize("name", ["tiny", "small-resnet"])
-def test_activation_checkpointing_same_loss_grads_and_running_stats(name):
+def test_activation_checkpointing_same_loss_grads_and_running_stats(name, policy):
     cfg = small_resnet_config() if name == "small-resnet" else get_config("tiny")
     torch.manual_seed(0)
     ref = CLIP(cfg).train()
@@ -171,8 +172,8 @@ def test_activation_checkpointing_same_loss_grads_and_running_stats(name):
     ckpt = copy.deepcopy(ref)
     keys = list(ckpt.state_dict())
     n_blocks = 8 if name == "tiny" else 4 + 5  # text blocks + Bottlenecks
-    assert apply_activation_checkpointing(ckpt) == n_blocks
-    assert apply_activation_checkpointing(ckpt) == 0  # idempotent
+    assert apply_activation_checkpointing(ckpt, policy=policy) == n_blocks
+    assert apply_activation_checkpointing(ckpt, policy=policy) == 0  # idempotent
     assert list(ckpt.state_dict()) == keys
     g = torch.Generator().manual_seed(1)
     images = torch.randn(4, 3, 64, 64, generator=g)

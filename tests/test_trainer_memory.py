@@ -26,7 +26,8 @@ def batch(n):
     return torch.randn(n, 3, 64, 64, generator=g), tokenize([f"{i} red dogs" for i in range(n)], context_length=32)
 
 
-@pytest.mark.parametrize("opts", [dict(offload=True), dict(chunks=3), dict(offload=True, chunks=4)])
+@pytest.mark.parametrize("opts", [dict(offload=True), dict(chunks=3), dict(offload=True, chunks=4),
+                                  dict(policy="selective"), dict(policy="selective", chunks=3, offload=True)])
 def test_offload_and_chunks_give_the_same_loss_and_grads(opts):
     images, tokens = batch(7)  # 7 rows in 3 or 4 chunks: uneven parts
     loss_a, grads_a = loss_and_grads(tiny_model(checkpointing=False), images, tokens)
@@ -34,6 +35,29 @@ def test_offload_and_chunks_give_the_same_loss_and_grads(opts):
     torch.testing.assert_close(loss_a, loss_b)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+
+
+def _step_flops(model, images, tokens) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loss_and_grads(model, images, tokens)
+    return counter.get_total_flops()
+
+
+def test_selective_checkpointing_runs_no_matmul_twice():
+    """Full checkpointing recomputes every block's forward in backward; selective keeps the matmul outputs, so a
+    step costs exactly the FLOPs of a step without checkpointing (the recomputed element-wise ops count 0)."""
+    images, tokens = batch(4)
+    plain = _step_flops(tiny_model(checkpointing=False), images, tokens)
+    full = _step_flops(tiny_model(), images, tokens)
+    selective = _step_flops(tiny_model(policy="selective"), images, tokens)
+    assert selective == plain and full > 1.15 * plain
+
+
+def test_unknown_checkpoint_policy_is_rejected():
+    with pytest.raises(ValueError, match="policy"):
+        tiny_model(policy="some")
 
 
 def test_offload_saves_only_block_inputs():
@@ -68,18 +92,22 @@ def test_chunks_rejected_below_one_and_flags_need_checkpointing(tmp_path, capsys
     with pytest.raises(ValueError, match="chunks"):
         apply_activation_checkpointing(CLIP(get_config("tiny")), chunks=0)
     shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=8)
-    assert main(["--shards", str(shards), "--out", str(tmp_path / "r"), "--preset", "tiny",
-                 "--no-grad-checkpointing", "--offload-activations"]) == 2
-    assert "need --grad-checkpointing" in capsys.readouterr().err
+    for flags in (["--offload-activations"], ["--checkpoint-policy", "selective"]):
+        assert main(["--shards", str(shards), "--out", str(tmp_path / "r"), "--preset", "tiny",
+                     "--no-grad-checkpointing", *flags]) == 2
+        assert "need --grad-checkpointing" in capsys.readouterr().err
 
 
-def test_training_run_with_offload_and_chunks(tmp_path):
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_training_run_with_offload_and_chunks(tmp_path, policy):
     shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=16)
     out = tmp_path / "run"
     assert main(["--shards", str(shards), "--out", str(out), "--preset", "tiny", "--steps", "2", "--nproc", "1",
-                 "--grad-checkpointing", "--offload-activations", "--checkpoint-chunks", "2"]) == 0
+                 "--grad-checkpointing", "--offload-activations", "--checkpoint-chunks", "2",
+                 "--checkpoint-policy", policy]) == 0
     resolved = json.loads((out / "train_config.json").read_text())
     assert resolved["offload_activations"] is True and resolved["checkpoint_chunks"] == 2
+    assert resolved["checkpoint_policy"] == policy
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
@@ -101,6 +129,22 @@ def test_bf16_layernorm_matches_fp32_reference_and_keeps_no_fp32_copy():
 
 
 # ------------------------------------------------------------------------------------- bench/bench_memory.py
+def test_memory_bench_counts_executed_flops():
+    """... and no matmul runs twice: the executed FLOPs of a selective step are the model FLOPs (3 x forward, the
+    analytic count the trainer's MFU uses), full checkpointing adds the recomputed block matmuls."""
+    pytest.importorskip("open_clip")
+    from trainer.monitor import flops_per_sample
+
+    bench = load_bench("bench_memory")
+    cfg = get_config("ViT-B-32")
+    model_gflop = flops_per_sample(cfg, batch=64) / 1e9
+    flops = {name: bench.simulate("ViT-B-32", side, 64, count_flops=True, **kw)["gflop_per_sample"]
+             for name, side, kw in [("open_clip", "open_clip", {}), ("full", "clipforge", {}),
+                                    ("selective", "clipforge", {"policy": "selective"})]}
+    assert flops["selective"] == pytest.approx(model_gflop, rel=0.01)
+    assert flops["full"] == pytest.approx(flops["open_clip"], rel=0.001) and flops["full"] > 1.15 * flops["selective"]
+
+
 def test_live_bytes_counts_allocations_views_and_frees():
     bench = load_bench("bench_memory")
     tracker = bench.LiveBytes()
@@ -124,6 +168,10 @@ def test_memory_bench_tiny_orders_the_variants(tmp_path):
     assert chunked["device_gib"] < offload["device_gib"] < plain["device_gib"]
     oc = bench.simulate("tiny", "open_clip", 256)
     assert oc["device_gib"] > 0 and oc["host_gib"] == 0
+    selective = bench.simulate("tiny", "clipforge", 256, policy="selective")
+    assert selective["device_gib"] > plain["device_gib"]  # matmul outputs kept: more memory ...
+    both = bench.simulate("tiny", "clipforge", 256, policy="selective", offload=True, chunks=8)
+    assert both["device_gib"] < selective["device_gib"] and both["host_gib"] > offload["host_gib"]  # ... offloadable
     best, runs = bench.largest_batch("tiny", "clipforge", budget_gib=chunked["device_gib"], cap=1024,
                                      probe=64, offload=True, chunks=8)
     assert best == 256 and runs > 2  # the budget is the peak at 256: the search lands there

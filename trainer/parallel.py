@@ -3,15 +3,35 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from trainer.model import ResidualAttentionBlock
 from trainer.resnet import Bottleneck
 
 CHECKPOINTED = (ResidualAttentionBlock, Bottleneck)
+POLICIES = ("full", "selective")
+
+# What the "selective" policy keeps from a block's forward: the outputs of the ops that hold nearly all the FLOPs
+# (matmuls, convolutions, fused attention with its logsumexp). Everything else (LayerNorm, GELU, residual adds,
+# BatchNorm, ReLU, views) is recomputed in backward: memory-bound work, no matmul runs twice.
+_aten = torch.ops.aten
+_SAVE = tuple(getattr(_aten, name).default for name in (
+    "mm", "addmm", "bmm", "baddbmm", "convolution",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+) if hasattr(_aten, name))
+
+
+# Newer torch can route what selective checkpointing saves through saved-tensor hooks (the activation offload).
+_SAC_HOOKS = "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+
+
+def _save_compute_heavy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if func in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -60,7 +80,9 @@ class offload_saved_tensors(torch.autograd.graph.saved_tensors_hooks):
             if t.device == host:
                 return t
             pin = t.device.type == "cuda"
-            packed = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, device=host, pin_memory=pin)
+            # empty_like keeps the strides (a transposed attention output comes back as it was saved: a recomputed
+            # view of it must not turn into a copy, which selective checkpointing would reject as a different op)
+            packed = torch.empty_like(t, device=host, pin_memory=pin)
             packed.copy_(t, non_blocking=pin)
             return t.device, packed
 
@@ -73,14 +95,26 @@ class offload_saved_tensors(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
+
+
 def apply_activation_checkpointing(model: nn.Module, offload: bool = False, chunks: int = 1,
-                                   host: str = "cpu") -> int:
+                                   host: str = "cpu", policy: str = "full") -> int:
     """Recompute each block's activations in backward instead of storing them.
 
     Wraps every transformer ResidualAttentionBlock and every ResNet Bottleneck forward (an instance attribute, so
     state_dict keys are unchanged) with torch.utils.checkpoint.checkpoint(use_reentrant=False). The recomputation
     of a Bottleneck runs with its BatchNorm running-stat updates switched off, so a checkpointed step leaves the
     same running stats (and gives the same loss and grads) as an uncheckpointed one.
+
+    `policy` = "full" keeps only each block's input and recomputes the whole block in backward (one extra forward
+    of the blocks: about +1/3 of a step's FLOPs). "selective" (torch's selective activation checkpointing) also
+    keeps the outputs of the block's matmuls and fused attention, so the recomputation is only the cheap
+    element-wise ops: almost no extra FLOPs, for about 60% of an unchecked block's activation memory (ViT-B; see
+    bench/bench_memory.py). Both are exact.
 
     Two memory options for very large batches, both exact (same loss and gradients up to float rounding):
     * `offload`: the block inputs (all that checkpointing keeps) wait for backward in `host` memory
@@ -91,29 +125,39 @@ def apply_activation_checkpointing(model: nn.Module, offload: bool = False, chun
       block being recomputed in backward (its MLP hidden state is 4x its input, kept three times in the MLP's
       backward) holds 1/chunks of the batch. The split is along dim 0 and is skipped when the batch is smaller
       than `chunks`. (A Bottleneck's BatchNorm needs the whole batch, so ResNet blocks are never split.)
+    With "selective", offload moves the saved matmul outputs to `host` too where torch.utils.checkpoint has
+    `respect_saved_tensors_hooks` (torch 2.14); older torch offloads only the block inputs.
     Idempotent. Returns the number of blocks wrapped.
     """
     if chunks < 1:
         raise ValueError(f"checkpoint chunks must be >= 1, got {chunks}")
+    if policy not in POLICIES:
+        raise ValueError(f"checkpoint policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     wrapped = 0
     for module in model.modules():
         if isinstance(module, CHECKPOINTED) and not getattr(module, "_checkpointed", False):
             inner = module.forward  # the bound original forward
             split = chunks if isinstance(module, ResidualAttentionBlock) else 1
 
-            def context_fn(_module=module):
-                return contextlib.nullcontext(), frozen_batchnorm_stats(_module)  # (forward, recompute)
+            def context_fn(_module=module):  # -> (forward context, recompute context), fresh for every call
+                if policy == "selective":
+                    fwd, recompute = create_selective_checkpoint_contexts(_save_compute_heavy)
+                    return fwd, _both(frozen_batchnorm_stats(_module), recompute)  # BN buffers swapped first
+                return contextlib.nullcontext(), frozen_batchnorm_stats(_module)
+
+            options = dict(use_reentrant=False, context_fn=context_fn)
+            if offload and policy == "selective" and _SAC_HOOKS:
+                options["respect_saved_tensors_hooks"] = True
 
             @functools.wraps(inner)
-            def forward(x, *args, _inner=inner, _context_fn=context_fn, _split=split, **kwargs):
+            def forward(x, *args, _inner=inner, _options=options, _split=split, **kwargs):
                 if not torch.is_grad_enabled():  # eval / no_grad: nothing to save, call directly
                     return _inner(x, *args, **kwargs)
                 with offload_saved_tensors(host) if offload else contextlib.nullcontext():
                     if _split > 1 and x.shape[0] >= _split:
-                        return torch.cat([checkpoint(_inner, part, *args, use_reentrant=False,
-                                                     context_fn=_context_fn, **kwargs)
+                        return torch.cat([checkpoint(_inner, part, *args, **_options, **kwargs)
                                           for part in x.chunk(_split)], dim=0)
-                    return checkpoint(_inner, x, *args, use_reentrant=False, context_fn=_context_fn, **kwargs)
+                    return checkpoint(_inner, x, *args, **_options, **kwargs)
 
             module.forward = forward
             module._checkpointed = True

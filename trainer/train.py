@@ -40,7 +40,7 @@ from trainer.data import DataError, read_sources, train_batches
 from trainer.loss import LOSSES, SIGLIP_INIT_LOGIT_SCALE, ContrastiveLoss, FeatureCache, make_loss
 from trainer.model import CLIP, get_config
 from trainer.monitor import flops_per_sample, make_monitor
-from trainer.parallel import frozen_batchnorm_stats, apply_activation_checkpointing
+from trainer.parallel import POLICIES, apply_activation_checkpointing, frozen_batchnorm_stats
 from trainer.transform import TrainAugment
 
 
@@ -67,6 +67,7 @@ class TrainConfig:
     grad_checkpointing: bool = True
     offload_activations: bool = False  # checkpointed blocks' inputs wait for backward in (pinned) host memory
     checkpoint_chunks: int = 1  # recompute each transformer block in this many batch chunks (less peak memory)
+    checkpoint_policy: str = "full"  # full: keep block inputs only; selective: keep matmul outputs too (faster)
     precision: str = "auto"  # auto -> bf16 on GPU, fp32 on CPU; fp16 (dynamic loss scaling) needs a GPU
     seed: int = 0
     workers: int = 0
@@ -134,6 +135,10 @@ def parse_args(argv: list[str]) -> TrainConfig:
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=None,
                    help="with --grad-checkpointing: keep each block's input in host memory until backward")
+    p.add_argument("--checkpoint-policy", choices=list(POLICIES),
+                   help="with --grad-checkpointing: 'full' (default) recomputes each block in backward; 'selective' "
+                        "keeps its matmul/attention outputs and recomputes only element-wise ops (no matmul runs "
+                        "twice: faster, more memory)")
     p.add_argument("--checkpoint-chunks", type=int,
                    help="with --grad-checkpointing: checkpoint each transformer block in K batch chunks, so the "
                         "block recomputed in backward holds 1/K of the batch (default 1)")
@@ -171,9 +176,12 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.steps < 0 or (cfg.steps == 0 and cfg.epochs < 1):
         raise ValueError("need --steps >= 1 or --epochs >= 1")
-    if (cfg.offload_activations or cfg.checkpoint_chunks > 1) and not cfg.grad_checkpointing:
-        raise ValueError("--offload-activations and --checkpoint-chunks apply to checkpointed blocks: "
-                         "they need --grad-checkpointing")
+    if cfg.checkpoint_policy not in POLICIES:
+        raise ValueError(f"--checkpoint-policy must be one of {', '.join(POLICIES)}, got {cfg.checkpoint_policy!r}")
+    if (cfg.offload_activations or cfg.checkpoint_chunks > 1 or cfg.checkpoint_policy != "full") \
+            and not cfg.grad_checkpointing:
+        raise ValueError("--offload-activations, --checkpoint-chunks and --checkpoint-policy apply to checkpointed "
+                         "blocks: they need --grad-checkpointing")
     if cfg.loss not in LOSSES:
         raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -408,7 +416,8 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
     model = CLIP(model_config)
     if cfg.grad_checkpointing:  # from the outside; state_dict keys unchanged
-        apply_activation_checkpointing(model, offload=cfg.offload_activations, chunks=cfg.checkpoint_chunks)
+        apply_activation_checkpointing(model, offload=cfg.offload_activations, chunks=cfg.checkpoint_chunks,
+                                       policy=cfg.checkpoint_policy)
     engine, scheduler = ds.init_engine(make_train_module(model, cfg.loss), cfg, ds_config, total_steps)
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank randomness of the step (patch dropout)
     random.seed(cfg.seed * 1000 + rank)
