@@ -203,15 +203,20 @@ def largest_batch(arch: str, side: str, budget_gib: float, cap: int, step: int =
     return min(lo, cap), runs
 
 
-def run(archs, budget_gib: float, batches, cap: int, chunks: int, out: str | None = None) -> dict:
-    variants = [("open_clip", {}), ("clipforge", {}), ("clipforge+offload", {"offload": True}),
-                (f"clipforge+offload+chunks{chunks}", {"offload": True, "chunks": chunks}),
-                ("clipforge+selective", {"policy": "selective"}),
-                (f"clipforge+selective+offload+chunks{chunks}", {"policy": "selective", "offload": True,
-                                                                 "chunks": chunks})]
+def variants(chunks: int) -> list[tuple[str, dict]]:
+    return [("open_clip", {}), ("clipforge", {}), ("clipforge+offload", {"offload": True}),
+            (f"clipforge+offload+chunks{chunks}", {"offload": True, "chunks": chunks}),
+            ("clipforge+selective", {"policy": "selective"}),
+            (f"clipforge+selective+offload+chunks{chunks}", {"policy": "selective", "offload": True, "chunks": chunks})]
+
+
+def run(archs, budget_gib: float, batches, cap: int, chunks: int, out: str | None = None,
+        only: list[str] | None = None) -> dict:
+    """Every variant (or those named in `only`, open_clip always: the ratios' base) on every arch."""
+    chosen = [(name, kw) for name, kw in variants(chunks) if not only or name in only or name == "open_clip"]
     result = {"budget_gib": budget_gib, "torch": torch.__version__, "rows": [], "largest": {}, "gflop_per_sample": {}}
     for arch in archs:
-        for name, kw in variants:
+        for name, kw in chosen:
             side = name.split("+")[0]
             for b in batches:
                 t = time.perf_counter()
@@ -251,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="device memory for tensors (default 75: an 80 GB H100 less context and workspaces)")
     p.add_argument("--batch", type=int, nargs="*", default=[1024], help="batches to report the peak at")
     p.add_argument("--max-batch-cap", type=int, default=131072)
-    p.add_argument("--chunks", type=int, default=16, help="checkpoint chunks of the chunked clipforge variant")
+    p.add_argument("--chunks", type=int, default=16, help="checkpoint chunks of the chunked clipforge variants")
+    p.add_argument("--variants", nargs="+", metavar="NAME",
+                   help="only these clipforge variants (names as printed, e.g. clipforge+selective); default all")
     p.add_argument("--out")
     a = p.parse_args(argv)
-    run(a.arch, a.budget_gib, a.batch, a.max_batch_cap, a.chunks, a.out)
+    known = [name for name, _ in variants(a.chunks)]
+    if a.variants and not set(a.variants) <= set(known):
+        p.error(f"--variants: choose from {', '.join(known)}")
+    run(a.arch, a.budget_gib, a.batch, a.max_batch_cap, a.chunks, a.out, only=a.variants)
     return 0
 
 

@@ -30,7 +30,15 @@ _SAVE = tuple(getattr(_aten, name).default for name in (
 _SAC_HOOKS = "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
 
 
+_MATMUL_2D = (_aten.mm.default, _aten.addmm.default)  # nn.Linear: [M, K] @ [K, N] (addmm: bias first)
+
+
 def _save_compute_heavy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    if func in _MATMUL_2D and args[-1].shape[-1] < args[-2].shape[-1]:
+        # A down-projection (N < K: the MLP's second linear). Its output only feeds the residual add, whose
+        # backward needs nothing, so it is never recomputed either (torch stops the recomputation once every
+        # tensor backward needs is back): keeping it would cost memory for nothing.
+        return CheckpointPolicy.PREFER_RECOMPUTE
     return CheckpointPolicy.MUST_SAVE if func in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
