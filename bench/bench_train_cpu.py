@@ -10,7 +10,8 @@ Both trainers run as subprocesses, one after the other, on the SAME shard dir (b
 format, `shard-{i:05d}.tar` with KEY.jpg / KEY.txt / KEY.json + manifest.json, or given with --shards):
 
 * clipforge: `python -m trainer.train --shards D --out R --model MODEL --steps N --batch-size B --nproc P
-  --zero Z --precision fp32 --workers W --log-every 1 [--no-grad-checkpointing]`, once per --zero stage.
+  --zero Z --precision fp32 --workers W --log-every 1 [--no-grad-checkpointing | --grad-checkpointing
+  --checkpoint-policy full|selective]`, once per --zero stage.
 * open_clip: this file re-run as a small wrapper (`_open_clip_side`, under `torchrun --nproc_per_node P` when
   P > 1) that registers the same architecture with `open_clip.add_model_config` (the JSON comes from
   trainer.convert.open_clip_model_config, the mapping clipforge's open_clip export uses), patches one webdataset
@@ -182,6 +183,7 @@ class BenchConfig:
     nproc: int = 1
     workers: int = 0
     grad_checkpointing: bool = False
+    checkpoint_policy: str = "full"  # clipforge's --checkpoint-policy (open_clip has only full checkpointing)
     zero: list[int] = field(default_factory=lambda: [2])
     lr: float = 5e-4
     lr_warmup: int = 10
@@ -226,7 +228,8 @@ def clipforge_cmd(cfg: BenchConfig, shards: Path, run_dir: Path, zero: int) -> l
             "--nproc", str(cfg.nproc), "--zero", str(zero), "--precision", "fp32", "--workers", str(cfg.workers),
             "--lr", str(cfg.lr), "--warmup", str(cfg.lr_warmup), "--weight-decay", "0.2", "--grad-clip", "1.0",
             "--seed", str(cfg.seed), "--log-every", "1",
-            "--grad-checkpointing" if cfg.grad_checkpointing else "--no-grad-checkpointing"]
+            *(["--grad-checkpointing", "--checkpoint-policy", cfg.checkpoint_policy] if cfg.grad_checkpointing
+              else ["--no-grad-checkpointing"])]
 
 
 def open_clip_argv(cfg: BenchConfig, shards: Path, logs: Path, model_name: str) -> list[str]:
@@ -311,7 +314,8 @@ def run_side(side: str, cfg: BenchConfig, shards: Path, work: Path, tag: str, oc
     global_batch = cfg.batch * cfg.nproc
     row = {"side": side, "tag": tag, "batch": cfg.batch, "nproc": cfg.nproc, "global_batch": global_batch,
            "steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "workers": cfg.workers,
-           "grad_checkpointing": cfg.grad_checkpointing}
+           "grad_checkpointing": cfg.grad_checkpointing,
+           "checkpoint_policy": cfg.checkpoint_policy if cfg.grad_checkpointing and side != "open_clip" else None}
     if side.startswith("clipforge"):
         zero = int(side.split("zero", 1)[1])
         row["zero"] = zero
@@ -404,7 +408,8 @@ def run(cfg: BenchConfig, shards: str | None = None, out: str | None = None, wor
     sides = [f"clipforge_zero{z}" for z in cfg.zero] + ["open_clip"]
     log(f"model {cfg.model} (open_clip: {oc_name}), batch {cfg.batch}/process x {cfg.nproc} process(es), "
         f"{cfg.steps} steps ({cfg.warmup_steps} warm-up), workers {cfg.workers}, fp32, grad checkpointing "
-        f"{'on' if cfg.grad_checkpointing else 'off'}, OMP_NUM_THREADS {_env(cfg)['OMP_NUM_THREADS']}, "
+        f"{f'on (clipforge policy {cfg.checkpoint_policy})' if cfg.grad_checkpointing else 'off'}, "
+        f"OMP_NUM_THREADS {_env(cfg)['OMP_NUM_THREADS']}, "
         f"{cfg.repeats} repeat(s), statistic {cfg.stat}; clipforge from {cfg.clipforge_root}")
     all_rows: list[dict] = []
     for rep in range(cfg.repeats):
@@ -525,6 +530,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="dataloader worker processes per process (both sides)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing on both sides (default off on both)")
+    p.add_argument("--checkpoint-policy", choices=["full", "selective"], default="full",
+                   help="clipforge's --checkpoint-policy with --grad-checkpointing (open_clip: always full)")
     p.add_argument("--zero", type=int, nargs="+", default=[2], choices=[0, 1, 2, 3],
                    help="clipforge ZeRO stages to run; the first one is the headline ratio (default 2 0)")
     p.add_argument("--stat", choices=STATS, default="best",
@@ -555,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         return open_clip_side(argv[1], argv[sep + 1:])
     a = parse_args(argv)
     cfg = BenchConfig(model=a.model, batch=a.batch, steps=a.steps, warmup_steps=a.warmup_steps, nproc=a.nproc,
-                      workers=a.workers, grad_checkpointing=a.grad_checkpointing, zero=list(a.zero), lr=a.lr,
+                      workers=a.workers, grad_checkpointing=a.grad_checkpointing,
+                      checkpoint_policy=a.checkpoint_policy, zero=list(a.zero), lr=a.lr,
                       lr_warmup=a.lr_warmup, seed=a.seed, repeats=a.repeats, timeout_s=a.timeout,
                       stat=a.stat, window=a.window, threads=a.threads,
                       clipforge_root=str(Path(a.clipforge_root).resolve()))

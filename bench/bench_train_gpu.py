@@ -32,9 +32,10 @@ backward); "hardware FLOPs" adds the forward of every checkpointed block once mo
 FLOPs/s / peak, HFU = hardware FLOPs/s / peak, peak = --peak-tflops (default 989 = H100 SXM dense bf16 spec); with
 --measure-peak the script also times a bf16 8192^3 matmul and reports MFU against that measured ceiling.
 
---sides open_clip clipforge clipforge_offload clipforge_selective adds the trainer's large-batch settings
-(--offload-activations --checkpoint-chunks 16; summary keys *_offload) and its fast setting (--checkpoint-policy
-selective: no matmul recomputed, HFU = MFU; summary keys *_selective) as more sides: largest batch and samples/s.
+--sides open_clip clipforge clipforge_offload clipforge_selective clipforge_selective_compile adds the trainer's
+large-batch settings (--offload-activations --checkpoint-chunks 16; summary keys *_offload) and its fast settings
+(--checkpoint-policy selective: no matmul recomputed, HFU = MFU, *_selective; plus --compile, *_selective_compile;
+compilation happens in the warm-up steps) as more sides: largest batch and samples/s.
 
 Diagnostics (extra rows, clearly named; the trainer is not changed): --diagnostic-no-sync (DeepSpeed's throughput
 timer, two device syncs per step, off), --profile DIR
@@ -92,7 +93,8 @@ from gpu_sides import (_is_oom, _Side, flops_per_sample, make_side, measure_matm
                        synthetic_batch)
 
 SIDES = ("open_clip", "clipforge")
-VARIANT_SIDES = ("clipforge_offload", "clipforge_selective")  # the trainer with other checkpointing settings
+# the trainer with other settings: summary keys *_offload, *_selective, *_selective_compile
+VARIANT_SIDES = ("clipforge_offload", "clipforge_selective", "clipforge_selective_compile")
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 
 
@@ -342,11 +344,9 @@ def _job(spec: dict) -> dict:
             r.update(side=side, arch=spec["arch"])
             if r.get("step_s_at_max"):
                 r["samples_per_s_at_max_1step"] = r["max_batch"] / r["step_s_at_max"]
-                r.update({f"{k}_at_max_1step": v for k, v in _mfu(spec["arch"], r["max_batch"],
-                                                                   r["samples_per_s_at_max_1step"],
-                                                                   spec["peak_tflops"],
-                                                                   recompute=side != "clipforge_selective").items()
-                          if k in ("mfu", "hfu")})
+                at_max = _mfu(spec["arch"], r["max_batch"], r["samples_per_s_at_max_1step"], spec["peak_tflops"],
+                              recompute=not side.startswith("clipforge_selective"))
+                r.update({f"{k}_at_max_1step": v for k, v in at_max.items() if k in ("mfu", "hfu")})
             print(f"  -> {side} {spec['arch']}: max batch {r['max_batch']} (first OOM {r['first_oom']}, "
                   f"stopped by {r['stopped_by']})", flush=True)
             out["results"].append(r)
@@ -560,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", nargs="+", default=list(SIDES),
                    choices=[*SIDES, *VARIANT_SIDES],
                    help="clipforge_offload = the trainer with --offload-activations --checkpoint-chunks 16; "
-                        "clipforge_selective = with --checkpoint-policy selective")
+                        "clipforge_selective = with --checkpoint-policy selective; clipforge_selective_compile = "
+                        "selective + --compile")
     p.add_argument("--measure-peak", action="store_true", help="also time a bf16 8192^3 matmul")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one subprocess per (phase, arch[, side]) group (default: on cuda only)")

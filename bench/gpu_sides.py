@@ -89,11 +89,11 @@ class ClipforgeSide(_Side):
     name = "clipforge"
 
     def __init__(self, arch, device, precision, ds_timer_sync: bool = True, offload: bool = False, chunks: int = 1,
-                 policy: str = "full"):
+                 policy: str = "full", compile: bool = False):
         super().__init__(arch, device, precision)
         self.ds_timer_sync = ds_timer_sync  # False = diagnostic variant only (DeepSpeed's per-step syncs off)
         # the trainer's --offload-activations / --checkpoint-chunks / --checkpoint-policy
-        self.offload, self.chunks, self.policy = offload, chunks, policy
+        self.offload, self.chunks, self.policy, self.compile = offload, chunks, policy, compile
         self.recomputes_matmuls = policy == "full"
         self.engine = None
 
@@ -110,6 +110,10 @@ class ClipforgeSide(_Side):
         torch.manual_seed(0)
         model = CLIP(get_config(self.arch))
         apply_activation_checkpointing(model, offload=self.offload, chunks=self.chunks, policy=self.policy)
+        if self.compile:  # the trainer's --compile (compiles on the first steps: the bench's warm-up)
+            from trainer.parallel import compile_blocks
+
+            compile_blocks(model)
         self.engine, self.scheduler = ds.init_engine(model, cfg, ds_config, total_steps=10**6)
 
     def step(self, images, tokens):
@@ -198,6 +202,8 @@ def make_side(side: str, arch: str, device: str, precision: str) -> _Side:
         return ClipforgeSide(arch, device, precision, offload=True, chunks=16)
     if side == "clipforge_selective":  # --checkpoint-policy selective (no matmul recomputed)
         return ClipforgeSide(arch, device, precision, policy="selective")
+    if side == "clipforge_selective_compile":  # --checkpoint-policy selective --compile (the fast settings)
+        return ClipforgeSide(arch, device, precision, policy="selective", compile=True)
     if side == "open_clip":
         return OpenClipSide(arch, device, precision)
     raise ValueError(f"unknown side {side!r}")

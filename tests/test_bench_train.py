@@ -64,16 +64,17 @@ def test_max_batch_search_against_fake_limit():
 
 
 def test_bench_train_variant_sides_tiny_cpu():
-    """The large-batch clipforge side (--offload-activations --checkpoint-chunks 16) and the fast one
-    (--checkpoint-policy selective) run through the same bench, with their own summary keys."""
+    """The large-batch clipforge side (--offload-activations --checkpoint-chunks 16) and the fast ones
+    (--checkpoint-policy selective, with and without --compile) run through the same bench, with their own
+    summary keys."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("open_clip")
-    r = _load().run(["tiny"], batch=16, steps=1, device="cpu", warmup=0, max_batch=False,
-                    sides=("open_clip", "clipforge_offload", "clipforge_selective"))
+    sides = ("open_clip", "clipforge_offload", "clipforge_selective", "clipforge_selective_compile")
+    r = _load().run(["tiny"], batch=16, steps=1, device="cpu", warmup=1, max_batch=False, sides=sides)
     rows = {row["side"]: row for row in r["throughput"]}
-    assert set(rows) == {"open_clip", "clipforge_offload", "clipforge_selective"}
-    assert rows["clipforge_offload"]["finite"] and rows["clipforge_selective"]["finite"]
+    assert set(rows) == set(sides) and all(row["finite"] for row in rows.values())
     assert r["summary"]["tiny"]["samples_per_s_ratio_offload"] > 0
     assert r["summary"]["tiny"]["samples_per_s_ratio_selective"] > 0
+    assert r["summary"]["tiny"]["samples_per_s_ratio_selective_compile"] > 0
     assert rows["clipforge_selective"]["hfu"] == rows["clipforge_selective"]["mfu"]  # no matmul recomputed
     assert rows["clipforge_offload"]["hfu"] > rows["clipforge_offload"]["mfu"]

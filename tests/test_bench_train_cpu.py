@@ -23,13 +23,17 @@ def test_bench_train_cpu_tiny(tmp_path, capsys):
     bench = _load()
     out = tmp_path / "r.json"
     rc = bench.main(["--batch", "4", "--steps", "3", "--warmup-steps", "1", "--shards-n", "2", "--per-shard", "16",
-                     "--zero", "2", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+                     "--zero", "2", "--grad-checkpointing", "--checkpoint-policy", "selective",
+                     "--workdir", str(tmp_path / "work"), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert re.search(r"^ratio clipforge/open_clip samples/s = \d+\.\d\d$", printed, re.M), printed
     r = json.loads(out.read_text())
     rows = {row["side"]: row for row in r["results"]}
     assert set(rows) == {"clipforge_zero2", "open_clip"}
+    assert rows["clipforge_zero2"]["checkpoint_policy"] == "selective" and rows["open_clip"]["grad_checkpointing"]
+    (resolved,) = (tmp_path / "work").rglob("train_config.json")  # what the clipforge side really ran
+    assert json.loads(resolved.read_text())["checkpoint_policy"] == "selective"
     for row in rows.values():
         assert "error" not in row, row
         assert row["rc"] == 0 and row["timed_steps"] == 2 and row["global_batch"] == 4

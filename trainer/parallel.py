@@ -109,6 +109,23 @@ def _both(first, second):
         yield
 
 
+def _context_fn(module: nn.Module, policy: str):
+    """checkpoint's context_fn: () -> (forward context, recompute context), fresh for every call; None for none.
+    Blocks without BatchNorm get none or torch's selective contexts, the only ones torch.compile can trace."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        if policy == "selective":
+            return functools.partial(create_selective_checkpoint_contexts, _save_compute_heavy)
+        return None
+
+    def with_frozen_stats():
+        if policy == "selective":
+            fwd, recompute = create_selective_checkpoint_contexts(_save_compute_heavy)
+            return fwd, _both(frozen_batchnorm_stats(module), recompute)  # BN buffers swapped first
+        return contextlib.nullcontext(), frozen_batchnorm_stats(module)
+
+    return with_frozen_stats
+
+
 def apply_activation_checkpointing(model: nn.Module, offload: bool = False, chunks: int = 1,
                                    host: str = "cpu", policy: str = "full") -> int:
     """Recompute each block's activations in backward instead of storing them.
@@ -147,13 +164,8 @@ def apply_activation_checkpointing(model: nn.Module, offload: bool = False, chun
             inner = module.forward  # the bound original forward
             split = chunks if isinstance(module, ResidualAttentionBlock) else 1
 
-            def context_fn(_module=module):  # -> (forward context, recompute context), fresh for every call
-                if policy == "selective":
-                    fwd, recompute = create_selective_checkpoint_contexts(_save_compute_heavy)
-                    return fwd, _both(frozen_batchnorm_stats(_module), recompute)  # BN buffers swapped first
-                return contextlib.nullcontext(), frozen_batchnorm_stats(_module)
-
-            options = dict(use_reentrant=False, context_fn=context_fn)
+            context_fn = _context_fn(module, policy)
+            options = dict(use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
             if offload and policy == "selective" and _SAC_HOOKS:
                 options["respect_saved_tensors_hooks"] = True
 
@@ -171,3 +183,20 @@ def apply_activation_checkpointing(model: nn.Module, offload: bool = False, chun
             module._checkpointed = True
             wrapped += 1
     return wrapped
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile every transformer block in place (nn.Module.compile: state_dict keys unchanged), after
+    activation checkpointing if any: each block's forward — the checkpoint wrapper included — becomes one compiled
+    graph (fused LayerNorm / GELU / bias / residual kernels; with --checkpoint-policy selective the recomputation
+    is compiled too). The blocks of a tower share one graph (torch guards on parameters as inputs, not on the
+    module). Applied per block, as torchtitan does, so a graph break costs one block, not the model. ResNet
+    blocks are not compiled (their checkpointing swaps BatchNorm buffers, which torch.compile cannot trace).
+    Idempotent. Returns the number of blocks compiled."""
+    compiled = 0
+    for module in model.modules():
+        if isinstance(module, ResidualAttentionBlock) and not getattr(module, "_compiled", False):
+            module.compile()
+            module._compiled = True
+            compiled += 1
+    return compiled

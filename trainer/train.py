@@ -40,7 +40,7 @@ from trainer.data import DataError, read_sources, train_batches
 from trainer.loss import LOSSES, SIGLIP_INIT_LOGIT_SCALE, ContrastiveLoss, FeatureCache, make_loss
 from trainer.model import CLIP, get_config
 from trainer.monitor import flops_per_sample, make_monitor
-from trainer.parallel import POLICIES, apply_activation_checkpointing, frozen_batchnorm_stats
+from trainer.parallel import POLICIES, apply_activation_checkpointing, compile_blocks, frozen_batchnorm_stats
 from trainer.transform import TrainAugment
 
 
@@ -68,6 +68,7 @@ class TrainConfig:
     offload_activations: bool = False  # checkpointed blocks' inputs wait for backward in (pinned) host memory
     checkpoint_chunks: int = 1  # recompute each transformer block in this many batch chunks (less peak memory)
     checkpoint_policy: str = "full"  # full: keep block inputs only; selective: keep matmul outputs too (faster)
+    compile: bool = False  # torch.compile each transformer block (trainer.parallel.compile_blocks)
     precision: str = "auto"  # auto -> bf16 on GPU, fp32 on CPU; fp16 (dynamic loss scaling) needs a GPU
     seed: int = 0
     workers: int = 0
@@ -139,6 +140,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
                    help="with --grad-checkpointing: 'full' (default) recomputes each block in backward; 'selective' "
                         "keeps its matmul/attention outputs and recomputes only element-wise ops (no matmul runs "
                         "twice: faster, more memory)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile every transformer block (fused element-wise kernels; the first steps "
+                        "compile); not with --zero 3 or --offload-activations")
     p.add_argument("--checkpoint-chunks", type=int,
                    help="with --grad-checkpointing: checkpoint each transformer block in K batch chunks, so the "
                         "block recomputed in backward holds 1/K of the batch (default 1)")
@@ -182,6 +186,12 @@ def validate(cfg: TrainConfig) -> None:
             and not cfg.grad_checkpointing:
         raise ValueError("--offload-activations, --checkpoint-chunks and --checkpoint-policy apply to checkpointed "
                          "blocks: they need --grad-checkpointing")
+    if cfg.compile and cfg.zero == 3:
+        raise ValueError("--compile does not work with --zero 3 (DeepSpeed's parameter-gathering hooks run inside "
+                         "every block); use --zero 0-2")
+    if cfg.compile and cfg.offload_activations:
+        raise ValueError("--compile does not work with --offload-activations (torch.compile cannot trace the "
+                         "saved-tensor hooks; the blocks would silently run uncompiled)")
     if cfg.loss not in LOSSES:
         raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -418,6 +428,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.grad_checkpointing:  # from the outside; state_dict keys unchanged
         apply_activation_checkpointing(model, offload=cfg.offload_activations, chunks=cfg.checkpoint_chunks,
                                        policy=cfg.checkpoint_policy)
+    if cfg.compile:  # after checkpointing: each block's graph includes its checkpoint
+        compile_blocks(model)
     engine, scheduler = ds.init_engine(make_train_module(model, cfg.loss), cfg, ds_config, total_steps)
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank randomness of the step (patch dropout)
     random.seed(cfg.seed * 1000 + rank)
