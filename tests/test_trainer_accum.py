@@ -150,8 +150,12 @@ def _engine(loss_name, micro, accum, zero, patch_dropout=0.0, grad_checkpointing
     from trainer.engine import build_ds_config, init_engine
     from trainer.parallel import apply_activation_checkpointing
 
+    # eps 1e-3: parameters whose true gradient is 0 (an attention key bias: softmax ignores a shift of every logit)
+    # get float-noise gradients (~1e-9) of either sign, which Adam with eps 1e-6 would turn into steps of
+    # ~lr * |g| / eps ~ 1e-5 in a direction set by rounding (it differs between CPUs). A larger eps keeps that
+    # noise at ~1e-8 while a wrong accumulation (other gradients) still changes the step.
     cfg = TrainConfig.tiny(batch_size=micro, grad_accum=accum, zero=zero, grad_clip=1e6, loss=loss_name, warmup=1,
-                           lr=1e-3, weight_decay=0.1)
+                           lr=1e-3, weight_decay=0.1, eps=1e-3)
     model = _model(patch_dropout)
     if grad_checkpointing:
         apply_activation_checkpointing(model)
