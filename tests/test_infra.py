@@ -1,4 +1,5 @@
-"""infra/: the launch files run (SLURM, multi-node torchrun) or parse against the CLIs they call (KubeRay, Ray)."""
+"""infra/: the launch files run (SLURM on 2 nodes, DeepSpeed on 2 hosts, torchrun) or are checked against the CLIs they
+call (KubeRay, Ray cluster launcher). Ray Train as a Ray job: tests/test_ray_job.py."""
 import json
 import os
 import shlex

@@ -1,5 +1,6 @@
-"""The crawl as a real Ray job: `ray start --head` on 127.0.0.1 (own temp dir and ports, token auth), then
-`ray job submit -- python -m pipeline.crawl ...` against the sample web, exactly as a cluster user would."""
+"""Real Ray jobs: `ray start --head` on 127.0.0.1 (own temp dir, ports and auth token), then `ray job submit --
+python -m pipeline.crawl ...` against the sample web, and infra/ray/train_job.sh (Ray Train), exactly as a cluster
+user would."""
 
 import json
 import os
