@@ -11,8 +11,8 @@ the peak of the live bytes per device. Two full steps run, so the optimizer stat
 the fake CPU; clipforge's activation offload sends block inputs to "meta", counted apart as host memory.
 
 Sides (same architecture, same fp32 images [B,3,S,S] and int64 tokens [B,ctx] as the trainers' loaders give):
-* open_clip: open_clip.create_model, fp32 weights, set_grad_checkpointing(True), forward + CLIP loss under
-  torch.autocast(bf16), backward, torch AdamW (fp32 moments): open_clip's train loop.
+* open_clip: open_clip.create_model, fp32 weights, set_grad_checkpointing(True), forward + open_clip.loss.ClipLoss
+  under torch.autocast(bf16), backward, torch AdamW (fp32 moments): open_clip's train loop.
 * clipforge: trainer.model.CLIP in bf16 (DeepSpeed bf16 keeps the module in bf16), trainer.parallel
   .apply_activation_checkpointing (full checkpointing; optionally --offload / --chunks), trainer.loss.clip_loss,
   backward. DeepSpeed's ZeRO-2 state is not simulated op by op; it is allocated as fake tensors of its documented
@@ -113,7 +113,7 @@ def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: in
     tracking, so it does not run in a memory simulation)."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
-    from trainer.loss import clip_loss  # the same loss math for both sides (open_clip's ClipLoss is identical)
+    from trainer.loss import clip_loss  # clipforge's loss: row-blocked cross-entropy (no [B, B] logits held)
     from trainer.model import CLIP, get_config
 
     cfg = get_config(arch)
@@ -144,11 +144,14 @@ def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: in
                     if isinstance(t, torch.Tensor):
                         tracker.track(t)
             autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+            from open_clip.loss import ClipLoss  # open_clip's own loss: dense [B, B] logits in both directions
+
+            loss_fn = ClipLoss()
         else:
             from trainer.parallel import apply_activation_checkpointing
 
             apply_activation_checkpointing(model, offload=offload, chunks=chunks, host=HOST, policy=policy)
-            optimizer, autocast = None, torch.autocast("cpu", enabled=False)
+            optimizer, autocast, loss_fn = None, torch.autocast("cpu", enabled=False), clip_loss
         with tracker, (_flop_counter() if count_flops else contextlib.nullcontext()) as flops:
             if optimizer is None:  # DeepSpeed ZeRO-2 bf16 state on one rank (see the module docstring)
                 zero_state = [torch.empty(n_params, dtype=torch.float32) for _ in range(4)]  # noqa: F841
@@ -158,7 +161,7 @@ def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: in
                     out = model(images, tokens)
                     if isinstance(out, dict):
                         out = (out["image_features"], out["text_features"], out["logit_scale"])
-                    loss = clip_loss(*out[:3])
+                    loss = loss_fn(*out[:3])
                 loss.backward()
                 if optimizer is not None:
                     optimizer.step()
@@ -205,6 +208,7 @@ def largest_batch(arch: str, side: str, budget_gib: float, cap: int, step: int =
 
 def variants(chunks: int) -> list[tuple[str, dict]]:
     return [("open_clip", {}), ("clipforge", {}), ("clipforge+offload", {"offload": True}),
+            (f"clipforge+chunks{chunks}", {"chunks": chunks}),
             (f"clipforge+offload+chunks{chunks}", {"offload": True, "chunks": chunks}),
             ("clipforge+selective", {"policy": "selective"}),
             (f"clipforge+selective+offload+chunks{chunks}", {"policy": "selective", "offload": True, "chunks": chunks})]

@@ -1,6 +1,7 @@
 """The distributed local loss (2 gloo ranks) equals the single-process full-batch loss, gradients included."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -71,3 +72,27 @@ def test_single_process_loss_matches_reference_formula():
     labels = torch.arange(5)
     ref = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
     torch.testing.assert_close(clip_loss(img, txt, scale), ref)
+
+
+@pytest.mark.parametrize("n,m,offset,block_rows", [(7, 7, 0, 3), (3, 9, 3, 2), (4, 12, 8, 1), (5, 5, 0, 5)])
+def test_blocked_cross_entropy_equals_dense(monkeypatch, n, m, offset, block_rows):
+    """The CLIP loss's row-blocked cross-entropy (no [n, M] logits held) = F.cross_entropy on the dense logits:
+    value and gradients w.r.t. rows, columns and the scale, for uneven blocks and a local-loss offset."""
+    import trainer.loss as L
+
+    monkeypatch.setattr(L, "BLOCK_ELEMENTS", block_rows * m)
+    g = torch.Generator().manual_seed(n * 100 + m)
+    x0 = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
+    y0 = torch.nn.functional.normalize(torch.randn(m, 16, generator=g), dim=-1)
+    results = []
+    for blocked in (True, False):
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        s = torch.tensor(14.0, requires_grad=True)
+        if blocked:
+            loss = L.BlockedCrossEntropy.apply(x, y, s, offset)
+        else:
+            loss = torch.nn.functional.cross_entropy(s * x @ y.T, torch.arange(n) + offset)
+        (2.5 * loss).backward()  # an upstream gradient other than 1
+        results.append((loss.detach(), x.grad, y.grad, s.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
