@@ -84,7 +84,7 @@ class BlockedCrossEntropy(torch.autograd.Function):
     x: [n, E] rows, y: [M, E] columns, s: scalar. Forward keeps only the n row logsumexps; backward recomputes each
     block's logits, turns them into softmax - one-hot and accumulates dx, dy and ds. Memory O(block * M) instead of
     the dense version's ~4 [n, M] fp32 matrices (logits, log-softmax, their gradients) — at a 40k batch on one GPU
-    that is ~25 GB; cost: one more [block, E] x [E, M] matmul per block in backward (~0.1% of a ViT-B step).
+    that is ~20-25 GB; cost: one more [block, E] x [E, M] matmul per block in backward (~0.1% of a ViT-B step).
     """
 
     @staticmethod
