@@ -122,18 +122,55 @@ def _clip_logits_loss(img, txt, all_img, all_txt, logit_scale, offset):
             + BlockedCrossEntropy.apply(txt, all_img, logit_scale, offset)) / 2
 
 
+class BlockedSigmoidLoss(torch.autograd.Function):
+    """-(1/n) sum_kj log sigmoid(z_kj (s * x_k.y_j + b)), z = +1 at (k, offset + k) and -1 elsewhere, in row blocks
+    like BlockedCrossEntropy: no [n, M] logits / signs matrices held, backward recomputes each block."""
+
+    @staticmethod
+    def _block(x, y, s, b, offset, i, block):  # -> (dots [c, M], z * logits [c, M])
+        xb = x[i:i + block]
+        dots = xb @ y.T
+        zl = -(s * dots + b)
+        rows = torch.arange(xb.shape[0], device=x.device)
+        zl[rows, offset + i + rows] *= -1.0
+        return dots, zl
+
+    @staticmethod
+    def forward(ctx, x, y, s, b, offset: int):
+        n, M = x.shape[0], y.shape[0]
+        block = max(1, min(n, BLOCK_ELEMENTS // max(M, 1)))
+        total = sum(-F.logsigmoid(BlockedSigmoidLoss._block(x, y, s, b, offset, i, block)[1]).sum()
+                    for i in range(0, n, block))
+        ctx.save_for_backward(x, y, s, b)
+        ctx.offset, ctx.block = offset, block
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, s, b = ctx.saved_tensors
+        n, block = x.shape[0], ctx.block
+        dx, dy, ds, db = torch.empty_like(x), torch.zeros_like(y), torch.zeros_like(s), torch.zeros_like(b)
+        for i in range(0, n, block):
+            dots, zl = BlockedSigmoidLoss._block(x, y, s, b, ctx.offset, i, block)
+            # d(-log sigmoid(z l)) / dl = -z sigmoid(-z l): z = -1 off the diagonal, +1 on it
+            rows = torch.arange(dots.shape[0], device=x.device)
+            g = torch.sigmoid(-zl)  # [c, M]
+            g[rows, ctx.offset + i + rows] *= -1.0
+            g *= grad / n
+            ds += (g * dots).sum()
+            db += g.sum()
+            dx[i:i + block] = s * (g @ y)
+            dy += s * (g.T @ x[i:i + block])
+        return dx, dy, ds, db, None
+
+
 def _siglip_logits_loss(img, all_txt, logit_scale, logit_bias, offset):
     """Sigmoid loss (Zhai et al., 2023): every (image, text) pair is a binary problem, +1 on the diagonal.
 
     Normalised by this rank's row count n, so the mean over ranks is the full-batch loss
-    -1/|B| sum_ij log sigmoid(z_ij (t x_i.y_j + b)).
+    -1/|B| sum_ij log sigmoid(z_ij (t x_i.y_j + b)). Computed in row blocks (BlockedSigmoidLoss).
     """
-    n = img.shape[0]
-    logits = logit_scale * img @ all_txt.T + logit_bias  # [n, M]
-    signs = -torch.ones_like(logits)
-    rows = torch.arange(n, device=img.device)
-    signs[rows, rows + offset] = 1.0
-    return -F.logsigmoid(signs * logits).sum() / n
+    return BlockedSigmoidLoss.apply(img, all_txt, logit_scale, logit_bias, offset)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
