@@ -74,7 +74,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ losses
-BLOCK_ELEMENTS = 1 << 24  # logits held at once by the CLIP loss: 64 MB in fp32 (rows per block = this // M)
+BLOCK_ELEMENTS = 1 << 24  # logits held at once by the CLIP / SigLIP loss: 64 MB in fp32 (rows per block = this // M)
 
 
 class BlockedCrossEntropy(torch.autograd.Function):
