@@ -106,7 +106,7 @@ def _flop_counter():
 
 
 def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: int = 1, policy: str = "full",
-             steps: int = 1, count_flops: bool = False) -> dict:
+             group: int = 1, steps: int = 1, count_flops: bool = False) -> dict:
     """Peak live GiB (device and host) of `steps` training steps of `side` at `batch`, simulated. The optimizer
     state exists from the start (as from the second step of a real run). With count_flops: instead the GFLOP per
     sample the step executes, recomputation included (torch's FLOP counter keeps tensors alive for its module
@@ -150,7 +150,8 @@ def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: in
         else:
             from trainer.parallel import apply_activation_checkpointing
 
-            apply_activation_checkpointing(model, offload=offload, chunks=chunks, host=HOST, policy=policy)
+            apply_activation_checkpointing(model, offload=offload, chunks=chunks, host=HOST, policy=policy,
+                                           group=group)
             optimizer, autocast, loss_fn = None, torch.autocast("cpu", enabled=False), clip_loss
         with tracker, (_flop_counter() if count_flops else contextlib.nullcontext()) as flops:
             if optimizer is None:  # DeepSpeed ZeRO-2 bf16 state on one rank (see the module docstring)
@@ -209,6 +210,7 @@ def largest_batch(arch: str, side: str, budget_gib: float, cap: int, step: int =
 def variants(chunks: int) -> list[tuple[str, dict]]:
     return [("open_clip", {}), ("clipforge", {}), ("clipforge+offload", {"offload": True}),
             (f"clipforge+chunks{chunks}", {"chunks": chunks}),
+            (f"clipforge+group2+chunks{chunks}", {"group": 2, "chunks": chunks}),
             (f"clipforge+offload+chunks{chunks}", {"offload": True, "chunks": chunks}),
             ("clipforge+selective", {"policy": "selective"}),
             (f"clipforge+selective+offload+chunks{chunks}", {"policy": "selective", "offload": True, "chunks": chunks})]

@@ -50,9 +50,11 @@ def test_compiled_blocks_give_the_same_loss_and_grads(opts):
 
 
 def test_compile_flag_trains_and_refuses_what_it_cannot_do(tmp_path, capsys):
+    """Refused: ZeRO-3, activation offload, grouped checkpointing (only per-block checkpointing is compiled)."""
     shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=16)
     base = ["--shards", str(shards), "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--compile"]
-    for extra, message in ((["--zero", "3"], "--zero 3"), (["--offload-activations"], "--offload-activations")):
+    for extra, message in ((["--zero", "3"], "--zero 3"), (["--offload-activations"], "--offload-activations"),
+                           (["--checkpoint-group", "2"], "--checkpoint-group 1")):
         assert main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2
         assert message in capsys.readouterr().err
     out = tmp_path / "run"

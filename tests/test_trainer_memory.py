@@ -27,7 +27,9 @@ def batch(n):
 
 
 @pytest.mark.parametrize("opts", [dict(offload=True), dict(chunks=3), dict(offload=True, chunks=4),
-                                  dict(policy="selective"), dict(policy="selective", chunks=3, offload=True)])
+                                  dict(policy="selective"), dict(policy="selective", chunks=3, offload=True),
+                                  dict(group=2, chunks=3), dict(group=3, offload=True),
+                                  dict(group=2, policy="selective")])
 def test_offload_and_chunks_give_the_same_loss_and_grads(opts):
     images, tokens = batch(7)  # 7 rows in 3 or 4 chunks: uneven parts
     loss_a, grads_a = loss_and_grads(tiny_model(checkpointing=False), images, tokens)
@@ -53,6 +55,29 @@ def test_selective_checkpointing_runs_no_matmul_twice():
     full = _step_flops(tiny_model(), images, tokens)
     selective = _step_flops(tiny_model(policy="selective"), images, tokens)
     assert selective == plain and full > 1.15 * plain
+
+
+def test_checkpoint_groups_keep_one_input_per_group():
+    """group=2: each tower's 4 blocks become 2 checkpointed groups (state_dict unchanged, idempotent); the offload
+    hook sees one saved tensor per group and chunk; the recompute costs a little more than per-block."""
+    model = tiny_model(checkpointing=False)
+    keys = list(model.state_dict())
+    assert apply_activation_checkpointing(model, group=2) == 4 and apply_activation_checkpointing(model) == 0
+    assert list(model.state_dict()) == keys
+    images, tokens = batch(4)
+    per_block = _step_flops(tiny_model(), images, tokens)  # torch stops each recompute before the last MLP matmul;
+    assert per_block < _step_flops(model, images, tokens) < 1.1 * per_block  # a group recomputes its inner ones
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.shape) or t, lambda t: t):
+        apply_activation_checkpointing(grouped := tiny_model(checkpointing=False), group=2, chunks=2)
+        grouped(images, tokens)
+    cfg = get_config("tiny")
+    block_inputs = [s for s in seen if s[1:] in ((32, cfg.text.width),
+                                                 ((cfg.vision.image_size // cfg.vision.patch_size) ** 2 + 1,
+                                                  cfg.vision.width)) and s[0] == 2]
+    assert len(block_inputs) == 2 * 2 + 2 * 2  # (2 groups x 2 chunks) per tower
+    with pytest.raises(ValueError, match="group"):
+        apply_activation_checkpointing(tiny_model(checkpointing=False), group=0)
 
 
 def test_unknown_checkpoint_policy_is_rejected():
@@ -92,7 +117,7 @@ def test_chunks_rejected_below_one_and_flags_need_checkpointing(tmp_path, capsys
     with pytest.raises(ValueError, match="chunks"):
         apply_activation_checkpointing(CLIP(get_config("tiny")), chunks=0)
     shards = write_shards(tmp_path / "shards", n_shards=1, per_shard=8)
-    for flags in (["--offload-activations"], ["--checkpoint-policy", "selective"]):
+    for flags in (["--offload-activations"], ["--checkpoint-policy", "selective"], ["--checkpoint-group", "2"]):
         assert main(["--shards", str(shards), "--out", str(tmp_path / "r"), "--preset", "tiny",
                      "--no-grad-checkpointing", *flags]) == 2
         assert "need --grad-checkpointing" in capsys.readouterr().err
@@ -104,10 +129,10 @@ def test_training_run_with_offload_and_chunks(tmp_path, policy):
     out = tmp_path / "run"
     assert main(["--shards", str(shards), "--out", str(out), "--preset", "tiny", "--steps", "2", "--nproc", "1",
                  "--grad-checkpointing", "--offload-activations", "--checkpoint-chunks", "2",
-                 "--checkpoint-policy", policy]) == 0
+                 "--checkpoint-policy", policy, "--checkpoint-group", "2"]) == 0
     resolved = json.loads((out / "train_config.json").read_text())
     assert resolved["offload_activations"] is True and resolved["checkpoint_chunks"] == 2
-    assert resolved["checkpoint_policy"] == policy
+    assert resolved["checkpoint_policy"] == policy and resolved["checkpoint_group"] == 2
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 

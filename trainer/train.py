@@ -68,6 +68,7 @@ class TrainConfig:
     offload_activations: bool = False  # checkpointed blocks' inputs wait for backward in (pinned) host memory
     checkpoint_chunks: int = 1  # recompute each transformer block in this many batch chunks (less peak memory)
     checkpoint_policy: str = "full"  # full: keep block inputs only; selective: keep matmul outputs too (faster)
+    checkpoint_group: int = 1  # checkpoint transformer blocks this many at a time (fewer kept inputs)
     compile: bool = False  # torch.compile each transformer block (trainer.parallel.compile_blocks)
     precision: str = "auto"  # auto -> bf16 on GPU, fp32 on CPU; fp16 (dynamic loss scaling) needs a GPU
     seed: int = 0
@@ -140,6 +141,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
                    help="with --grad-checkpointing: 'full' (default) recomputes each block in backward; 'selective' "
                         "keeps its matmul/attention outputs and recomputes only element-wise ops (no matmul runs "
                         "twice: faster, more memory)")
+    p.add_argument("--checkpoint-group", type=int,
+                   help="with --grad-checkpointing: checkpoint transformer blocks K at a time, keeping 1/K of the "
+                        "block inputs (default 1)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile every transformer block (fused element-wise kernels; the first steps "
                         "compile); not with --zero 3 or --offload-activations")
@@ -175,17 +179,19 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     get_config(cfg.model)  # KeyError on unknown model
-    for name in ("batch_size", "grad_accum", "nproc", "log_every", "checkpoint_chunks"):
+    for name in ("batch_size", "grad_accum", "nproc", "log_every", "checkpoint_chunks", "checkpoint_group"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.steps < 0 or (cfg.steps == 0 and cfg.epochs < 1):
         raise ValueError("need --steps >= 1 or --epochs >= 1")
     if cfg.checkpoint_policy not in POLICIES:
         raise ValueError(f"--checkpoint-policy must be one of {', '.join(POLICIES)}, got {cfg.checkpoint_policy!r}")
-    if (cfg.offload_activations or cfg.checkpoint_chunks > 1 or cfg.checkpoint_policy != "full") \
-            and not cfg.grad_checkpointing:
-        raise ValueError("--offload-activations, --checkpoint-chunks and --checkpoint-policy apply to checkpointed "
-                         "blocks: they need --grad-checkpointing")
+    if (cfg.offload_activations or cfg.checkpoint_chunks > 1 or cfg.checkpoint_group > 1
+            or cfg.checkpoint_policy != "full") and not cfg.grad_checkpointing:
+        raise ValueError("--offload-activations, --checkpoint-chunks, --checkpoint-group and --checkpoint-policy "
+                         "apply to checkpointed blocks: they need --grad-checkpointing")
+    if cfg.compile and cfg.checkpoint_group > 1:
+        raise ValueError("--compile works with per-block checkpointing only (--checkpoint-group 1)")
     if cfg.compile and cfg.zero == 3:
         raise ValueError("--compile does not work with --zero 3 (DeepSpeed's parameter-gathering hooks run inside "
                          "every block); use --zero 0-2")
@@ -427,7 +433,7 @@ def train(cfg: TrainConfig) -> dict:
     model = CLIP(model_config)
     if cfg.grad_checkpointing:  # from the outside; state_dict keys unchanged
         apply_activation_checkpointing(model, offload=cfg.offload_activations, chunks=cfg.checkpoint_chunks,
-                                       policy=cfg.checkpoint_policy)
+                                       policy=cfg.checkpoint_policy, group=cfg.checkpoint_group)
     if cfg.compile:  # after checkpointing: each block's graph includes its checkpoint
         compile_blocks(model)
     engine, scheduler = ds.init_engine(make_train_module(model, cfg.loss), cfg, ds_config, total_steps)
