@@ -32,8 +32,9 @@ backward); "hardware FLOPs" adds the forward of every checkpointed block once mo
 FLOPs/s / peak, HFU = hardware FLOPs/s / peak, peak = --peak-tflops (default 989 = H100 SXM dense bf16 spec); with
 --measure-peak the script also times a bf16 8192^3 matmul and reports MFU against that measured ceiling.
 
---sides open_clip clipforge clipforge_offload clipforge_selective clipforge_selective_compile adds the trainer's
-large-batch settings (--offload-activations --checkpoint-chunks 16; summary keys *_offload) and its fast settings
+--sides open_clip clipforge clipforge_offload clipforge_group clipforge_selective clipforge_selective_compile adds
+the trainer's large-batch settings (--offload-activations --checkpoint-chunks 16, *_offload; --checkpoint-group 2
+--checkpoint-chunks 16, no host memory, *_group) and its fast settings
 (--checkpoint-policy selective: no matmul recomputed, HFU = MFU, *_selective; plus --compile, *_selective_compile;
 compilation happens in the warm-up steps) as more sides: largest batch and samples/s.
 
@@ -93,8 +94,8 @@ from gpu_sides import (_is_oom, _Side, flops_per_sample, make_side, measure_matm
                        synthetic_batch)
 
 SIDES = ("open_clip", "clipforge")
-# the trainer with other settings: summary keys *_offload, *_selective, *_selective_compile
-VARIANT_SIDES = ("clipforge_offload", "clipforge_selective", "clipforge_selective_compile")
+# the trainer with other settings: summary keys *_offload, *_group, *_selective, *_selective_compile
+VARIANT_SIDES = ("clipforge_offload", "clipforge_group", "clipforge_selective", "clipforge_selective_compile")
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 
 
@@ -560,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sides", nargs="+", default=list(SIDES),
                    choices=[*SIDES, *VARIANT_SIDES],
                    help="clipforge_offload = the trainer with --offload-activations --checkpoint-chunks 16; "
+                        "clipforge_group = --checkpoint-group 2 --checkpoint-chunks 16; "
                         "clipforge_selective = with --checkpoint-policy selective; clipforge_selective_compile = "
                         "selective + --compile")
     p.add_argument("--measure-peak", action="store_true", help="also time a bf16 8192^3 matmul")

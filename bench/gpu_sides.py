@@ -89,11 +89,11 @@ class ClipforgeSide(_Side):
     name = "clipforge"
 
     def __init__(self, arch, device, precision, ds_timer_sync: bool = True, offload: bool = False, chunks: int = 1,
-                 policy: str = "full", compile: bool = False):
+                 policy: str = "full", compile: bool = False, group: int = 1):
         super().__init__(arch, device, precision)
         self.ds_timer_sync = ds_timer_sync  # False = diagnostic variant only (DeepSpeed's per-step syncs off)
         # the trainer's --offload-activations / --checkpoint-chunks / --checkpoint-policy
-        self.offload, self.chunks, self.policy, self.compile = offload, chunks, policy, compile
+        self.offload, self.chunks, self.policy, self.compile, self.group = offload, chunks, policy, compile, group
         self.recomputes_matmuls = policy == "full"
         self.engine = None
 
@@ -109,7 +109,8 @@ class ClipforgeSide(_Side):
             ds_config["timers"] = {"throughput": {"enabled": False, "synchronized": False}}
         torch.manual_seed(0)
         model = CLIP(get_config(self.arch))
-        apply_activation_checkpointing(model, offload=self.offload, chunks=self.chunks, policy=self.policy)
+        apply_activation_checkpointing(model, offload=self.offload, chunks=self.chunks, policy=self.policy,
+                                       group=self.group)
         if self.compile:  # the trainer's --compile (compiles on the first steps: the bench's warm-up)
             from trainer.parallel import compile_blocks
 
@@ -200,6 +201,8 @@ def make_side(side: str, arch: str, device: str, precision: str) -> _Side:
         return ClipforgeSide(arch, device, precision, ds_timer_sync=False)
     if side == "clipforge_offload":  # --offload-activations --checkpoint-chunks 16 (the large-batch settings)
         return ClipforgeSide(arch, device, precision, offload=True, chunks=16)
+    if side == "clipforge_group":  # --checkpoint-group 2 --checkpoint-chunks 16 (large batch, no host memory)
+        return ClipforgeSide(arch, device, precision, group=2, chunks=16)
     if side == "clipforge_selective":  # --checkpoint-policy selective (no matmul recomputed)
         return ClipforgeSide(arch, device, precision, policy="selective")
     if side == "clipforge_selective_compile":  # --checkpoint-policy selective --compile (the fast settings)

@@ -69,11 +69,12 @@ def test_bench_train_variant_sides_tiny_cpu():
     summary keys."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("open_clip")
-    sides = ("open_clip", "clipforge_offload", "clipforge_selective", "clipforge_selective_compile")
+    sides = ("open_clip", "clipforge_offload", "clipforge_group", "clipforge_selective", "clipforge_selective_compile")
     r = _load().run(["tiny"], batch=16, steps=1, device="cpu", warmup=1, max_batch=False, sides=sides)
     rows = {row["side"]: row for row in r["throughput"]}
     assert set(rows) == set(sides) and all(row["finite"] for row in rows.values())
     assert r["summary"]["tiny"]["samples_per_s_ratio_offload"] > 0
+    assert r["summary"]["tiny"]["samples_per_s_ratio_group"] > 0
     assert r["summary"]["tiny"]["samples_per_s_ratio_selective"] > 0
     assert r["summary"]["tiny"]["samples_per_s_ratio_selective_compile"] > 0
     assert rows["clipforge_selective"]["hfu"] == rows["clipforge_selective"]["mfu"]  # no matmul recomputed
