@@ -74,10 +74,9 @@ def test_single_process_loss_matches_reference_formula():
     torch.testing.assert_close(clip_loss(img, txt, scale), ref)
 
 
-@pytest.mark.parametrize("n,m,offset,block_rows", [(7, 7, 0, 3), (3, 9, 3, 2), (4, 12, 8, 1), (5, 5, 0, 5)])
-def test_blocked_cross_entropy_equals_dense(monkeypatch, n, m, offset, block_rows):
-    """The CLIP loss's row-blocked cross-entropy (no [n, M] logits held) = F.cross_entropy on the dense logits:
-    value and gradients w.r.t. rows, columns and the scale, for uneven blocks and a local-loss offset."""
+def _blocked_equals_dense(monkeypatch, n, m, block_rows, scalars, blocked, dense, upstream):
+    """Run loss(x, y, *scalars) blocked (BLOCK_ELEMENTS = block_rows rows) and dense on the same normalised
+    [n, 16] / [m, 16] inputs, backward with an upstream gradient other than 1; value and every gradient agree."""
     import trainer.loss as L
 
     monkeypatch.setattr(L, "BLOCK_ELEMENTS", block_rows * m)
@@ -85,39 +84,38 @@ def test_blocked_cross_entropy_equals_dense(monkeypatch, n, m, offset, block_row
     x0 = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
     y0 = torch.nn.functional.normalize(torch.randn(m, 16, generator=g), dim=-1)
     results = []
-    for blocked in (True, False):
+    for fn in (blocked, dense):
         x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
-        s = torch.tensor(14.0, requires_grad=True)
-        if blocked:
-            loss = L.BlockedCrossEntropy.apply(x, y, s, offset)
-        else:
-            loss = torch.nn.functional.cross_entropy(s * x @ y.T, torch.arange(n) + offset)
-        (2.5 * loss).backward()  # an upstream gradient other than 1
-        results.append((loss.detach(), x.grad, y.grad, s.grad))
+        params = [torch.tensor(v, requires_grad=True) for v in scalars]
+        loss = fn(x, y, *params)
+        (upstream * loss).backward()
+        results.append((loss.detach(), x.grad, y.grad, *(p.grad for p in params)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,m,offset,block_rows", [(7, 7, 0, 3), (3, 9, 3, 2), (4, 12, 8, 1), (5, 5, 0, 5)])
+def test_blocked_cross_entropy_equals_dense(monkeypatch, n, m, offset, block_rows):
+    """The CLIP loss's row-blocked cross-entropy (no [n, M] logits held) = F.cross_entropy on the dense logits:
+    value and gradients w.r.t. rows, columns and the scale, for uneven blocks and a local-loss offset."""
+    from trainer.loss import BlockedCrossEntropy
+
+    _blocked_equals_dense(
+        monkeypatch, n, m, block_rows, [14.0],
+        blocked=lambda x, y, s: BlockedCrossEntropy.apply(x, y, s, offset),
+        dense=lambda x, y, s: torch.nn.functional.cross_entropy(s * x @ y.T, torch.arange(n) + offset),
+        upstream=2.5)
 
 
 @pytest.mark.parametrize("n,m,offset,block_rows", [(7, 7, 0, 3), (3, 9, 3, 2), (5, 5, 0, 5)])
 def test_blocked_sigmoid_loss_equals_dense(monkeypatch, n, m, offset, block_rows):
     """SigLIP's row-blocked loss = the dense formula -1/n sum log sigmoid(z * (s x.y + b)): value and gradients."""
-    import trainer.loss as L
+    from trainer.loss import BlockedSigmoidLoss
 
-    monkeypatch.setattr(L, "BLOCK_ELEMENTS", block_rows * m)
-    g = torch.Generator().manual_seed(n * 10 + m)
-    x0 = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
-    y0 = torch.nn.functional.normalize(torch.randn(m, 16, generator=g), dim=-1)
-    results = []
-    for blocked in (True, False):
-        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
-        s, b = torch.tensor(10.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
-        if blocked:
-            loss = L.BlockedSigmoidLoss.apply(x, y, s, b, offset)
-        else:
-            z = -torch.ones(n, m)
-            z[torch.arange(n), torch.arange(n) + offset] = 1.0
-            loss = -torch.nn.functional.logsigmoid(z * (s * x @ y.T + b)).sum() / n
-        (1.5 * loss).backward()
-        results.append((loss.detach(), x.grad, y.grad, s.grad, b.grad))
-    for a, c in zip(*results):
-        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    z = -torch.ones(n, m)
+    z[torch.arange(n), torch.arange(n) + offset] = 1.0
+    _blocked_equals_dense(
+        monkeypatch, n, m, block_rows, [10.0, -3.0],
+        blocked=lambda x, y, s, b: BlockedSigmoidLoss.apply(x, y, s, b, offset),
+        dense=lambda x, y, s, b: -torch.nn.functional.logsigmoid(z * (s * x @ y.T + b)).sum() / n,
+        upstream=1.5)
