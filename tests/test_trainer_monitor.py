@@ -91,12 +91,18 @@ def test_derived_fields_eta_and_resume(tmp_path, monkeypatch, capsys):
     clock.t += 2.0
     row = m.log(20, 2.0, samples=1280)  # faster interval; ETA uses the mean rate of the run so far (10 s / 20 steps)
     assert row["samples_per_s"] == pytest.approx(640) and row["eta_s"] == pytest.approx(80 * 0.5)
-    m.log(30, 1.9, interval_s=5.0)
+    m.log(25, 1.95, grad_norm=0.75, loss_scale=32768.0, overflow_steps=2)  # fp16 runs add the scaler's state
+    m.log(30, 1.9, interval_s=5.0, grad_norm=None, loss_scale=16384.0, overflow_steps=3)  # an overflowed step
     m.log_eval(30, {"zeroshot_top1": 0.25})
     m.close()
     out = capsys.readouterr().out
     assert "[trainer] step 10/100 loss 2.5000 lr 1.00e-03 80.0 samples/s skipped 3" in out and "eta 00:01:12" in out
     assert "MFU" not in out and "[trainer] eval step 30: zeroshot_top1 0.25" in out
+    assert "grad norm 0.75 loss scale 32768 overflow steps 2 |" in out
+    assert "skipped 0 loss scale 16384 overflow steps 3 |" not in out and " loss scale 16384 overflow steps 3 |" in out
+    assert "grad norm" not in out.split("step 30/100")[1].split("\n")[0]  # no norm on an overflowed step
+    row25 = _read(tmp_path / "metrics.jsonl")[2]
+    assert (row25["step"], row25["grad_norm"], row25["loss_scale"], row25["overflow_steps"]) == (25, 0.75, 32768.0, 2)
 
     # resume from a checkpoint at step 20: the crashed run's row 30 (and its eval) is dropped, the rest continues
     monkeypatch.setenv(mon.PEAK_ENV, "0.001")

@@ -4,6 +4,7 @@ This is the ONLY module of clipforge that imports deepspeed (lazily, so `build_d
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -64,12 +65,31 @@ def build_ds_config(cfg: "TrainConfig", world_size: int) -> dict:
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": False},
     }
-    if cfg.precision == "fp16":  # dynamic loss scaling (loss_scale 0), starting at 2**16
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                      "hysteresis": 2, "min_loss_scale": 1}
+    if cfg.precision == "fp16":  # dynamic loss scaling (loss_scale 0), starting at 2**loss_scale_power
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": cfg.loss_scale_power,
+                      "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     if cfg.zero == 3:
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": True})
     return ds
+
+
+def effective_zero_stage(zero: int, precision: str, world_size: int) -> tuple[int, str]:
+    """The ZeRO stage a run uses for the requested one, and why it differs ("" if it does not).
+
+    - fp16 at stage 0 runs at stage 1. DeepSpeed 0.19's engine.backward() scales the loss only for its ZeRO
+      optimizers, while the stage-0 fp16 optimizers (FP16_Optimizer, FP16_UnfusedOptimizer) still divide the
+      gradients by the loss scale in step(): every update is ~2**16 times too small and fp16 gradients get no
+      overflow protection (measured here: the first AdamW step moves the weights 18x less than in fp32, and
+      training stalls; deepspeedai/DeepSpeed PR #8393, unmerged). Stage 1 is the same math on the correctly
+      scaled loss, with the optimizer state partitioned over the ranks.
+    - fp32 at stage 1/2 on ONE rank runs at stage 0: nothing is partitioned, but ZeRO still buckets, flattens and
+      re-norms every gradient (~30 ms/step on the CPU bench) for the same optimizer math.
+    """
+    if precision == "fp16" and zero == 0:
+        return 1, "DeepSpeed's stage-0 fp16 optimizers get an unscaled loss (PR #8393); stage 1 is the same math"
+    if precision == "fp32" and world_size == 1 and zero in (1, 2):
+        return 0, "nothing to partition on one rank"
+    return zero, ""
 
 
 def check_precision(precision: str) -> None:
@@ -170,8 +190,6 @@ def init_distributed(cfg: "TrainConfig") -> tuple[int, int, int]:
 
 def init_engine(model: nn.Module, cfg: "TrainConfig", ds_config: dict, total_steps: int):
     """-> (engine, lr_scheduler). Linear warmup to cfg.lr, then cosine decay to 0 over the remaining steps."""
-    import math
-
     import deepspeed
 
     warmup = max(0, min(cfg.warmup, total_steps - 1))
@@ -192,6 +210,23 @@ def init_engine(model: nn.Module, cfg: "TrainConfig", ds_config: dict, total_ste
         config=ds_config,
     )
     return engine, scheduler
+
+
+def step_stats(engine, precision: str) -> dict:
+    """Optimizer-side numbers of the last step, for the logs (no collective: every rank holds them).
+
+    grad_norm: the global gradient norm before clipping (None where DeepSpeed computed none, e.g. no clipping at
+    ZeRO 0, or where it overflowed). Under fp16 also loss_scale, DeepSpeed's current dynamic loss scale, and
+    overflow_steps, the optimizer steps skipped so far because a gradient overflowed: DeepSpeed then leaves the
+    weights and the LR schedule as they were and lowers the scale (after `hysteresis` overflows in a row).
+    Both are in DeepSpeed's checkpoint, so they continue across --resume.
+    """
+    norm = engine.get_global_grad_norm()
+    norm = None if norm is None else float(norm)
+    stats = {"grad_norm": norm if norm is not None and math.isfinite(norm) else None}
+    if precision == "fp16":
+        stats.update(loss_scale=float(engine.optimizer.loss_scale), overflow_steps=int(engine.skipped_steps))
+    return stats
 
 
 def full_fp32_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:

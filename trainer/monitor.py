@@ -227,6 +227,9 @@ class Monitor:
         s += f" lr {row['lr']:.2e}" if "lr" in row else ""
         s += f" {row['samples_per_s']:.1f} samples/s"
         s += f" skipped {row['skipped_samples']}" if "skipped_samples" in row else ""
+        s += f" grad norm {row['grad_norm']:.3g}" if row.get("grad_norm") is not None else ""
+        s += (f" loss scale {row['loss_scale']:g} overflow steps {row.get('overflow_steps', 0)}"
+              if "loss_scale" in row else "")
         s += f" | {row['samples_per_s_per_device']:.1f}/device"
         s += f" {row['tflops_per_device']:.2f} TFLOP/s" if row["tflops_per_device"] is not None else ""
         s += f" MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""

@@ -71,6 +71,7 @@ class TrainConfig:
     checkpoint_group: int = 1  # checkpoint transformer blocks this many at a time (fewer kept inputs)
     compile: bool = False  # torch.compile each transformer block (trainer.parallel.compile_blocks)
     precision: str = "auto"  # auto -> bf16 on GPU, fp32 on CPU; fp16 (dynamic loss scaling) needs a GPU
+    loss_scale_power: int = 16  # fp16: dynamic loss scaling starts at 2**N (halved on overflow, doubled when stable)
     seed: int = 0
     workers: int = 0
     shuffle_buffer: int = 1000
@@ -151,6 +152,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
                    help="with --grad-checkpointing: checkpoint each transformer block in K batch chunks, so the "
                         "block recomputed in backward holds 1/K of the batch (default 1)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--loss-scale-power", type=int,
+                   help="with --precision fp16: the dynamic loss scale starts at 2**N (default 16); DeepSpeed skips "
+                        "a step whose gradients overflow and halves the scale, and doubles it after 1000 clean steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--shuffle-buffer", type=int)
@@ -202,6 +206,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    if not 0 <= cfg.loss_scale_power <= 32:
+        raise ValueError(f"--loss-scale-power must be in 0..32, got {cfg.loss_scale_power}")
     if cfg.precision in ("fp16", "bf16"):
         from trainer import engine as ds
 
@@ -414,10 +420,8 @@ def train(cfg: TrainConfig) -> dict:
         cfg = dataclasses.replace(cfg, precision="bf16" if on_gpu else "fp32")
     ds.check_precision(cfg.precision)
     zero_requested = cfg.zero
-    if world == 1 and cfg.zero in (1, 2) and cfg.precision == "fp32":
-        # one rank: ZeRO-1/2 partition nothing but still bucket, flatten and re-norm every gradient (~30 ms/step on
-        # the CPU bench); stage 0 is the same optimizer math without that
-        cfg = dataclasses.replace(cfg, zero=0)
+    zero, zero_why = ds.effective_zero_stage(cfg.zero, cfg.precision, world)
+    cfg = dataclasses.replace(cfg, zero=zero)
     out = Path(cfg.out)
     sources = read_sources(cfg.shards, cfg.shard_weights)
     num_samples = sum(s.num_samples for s in sources)
@@ -455,7 +459,7 @@ def train(cfg: TrainConfig) -> dict:
         _write_json(out / "train_config.json", resolved)
         _write_json(out / "ds_config.json", ds_config)
         print(f"[trainer] model={cfg.model} loss={cfg.loss} world={world} zero={cfg.zero}"
-              + (f" (--zero {zero_requested}: nothing to partition on one rank)" if cfg.zero != zero_requested else "")
+              + (f" (--zero {zero_requested}: {zero_why})" if zero_why else "")
               + " "
               f"precision={cfg.precision} grad_accum={cfg.grad_accum} global_batch={global_batch} steps={total_steps} ({steps_per_epoch}/epoch) "
               f"samples={num_samples} shards={resolved['num_shards']} missing_shards={resolved['missing_shards']}"
@@ -505,7 +509,8 @@ def train(cfg: TrainConfig) -> dict:
                 last_loss, skipped_total = stats[0].item() / world, int(stats[1].item())
                 want_save, preempted = want_save or stats[2].item() > 0, stats[3].item() > 0
                 monitor.log(step + 1, last_loss, lr=lr, logit_scale=logit_scale, skipped_samples=skipped_total,
-                            epoch=(step + 1) / steps_per_epoch)  # a no-op on ranks > 0
+                            epoch=(step + 1) / steps_per_epoch,
+                            **(ds.step_stats(engine, cfg.precision) if rank == 0 else {}))  # a no-op on ranks > 0
                 steps_since_log = 0
                 loss_sum.zero_()
             if eval_data is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == total_steps):
