@@ -1,4 +1,5 @@
-"""ZeRO stages, activation checkpointing and accumulation agree (2 gloo ranks, CPU, fp32), and fp16 config/errors.
+"""ZeRO stages, activation checkpointing and accumulation agree (2 gloo ranks, CPU, fp32), bf16 master weights,
+and fp16 config/errors.
 
 One spawn of 2 ranks trains the tiny CLIP for 4 optimizer steps on the same fixed batches (4 samples per rank per
 step, gradient clipping 1.0 on) under several engine configurations; the loss curve, the gradient norms and the
@@ -6,6 +7,7 @@ final full fp32 weights must match the reference (ZeRO 0, no checkpointing, no a
 rtol 1e-4 (losses, grad norms) and rtol 1e-4 / atol 1e-5 (weights).
 """
 import json
+import math
 import os
 import time
 
@@ -69,6 +71,24 @@ def _train(loss, zero, ckpt, accum, rank):
     return {"losses": losses, "norms": norms, "state": state}
 
 
+def _bf16_masters(zero, rank):
+    """A bf16 engine: its fp32 master weights right after init and after 2 steps (2 ranks, each its partition)."""
+    from trainer.engine import full_fp32_state_dict, init_engine
+
+    cfg = TrainConfig.tiny(batch_size=PER_RANK, zero=zero, precision="bf16", warmup=1, lr=1e-3)
+    torch.manual_seed(0)
+    module = make_train_module(CLIP(get_config("tiny")), "siglip")
+    init = {k: v.detach().clone() for k, v in module.named_parameters()}
+    engine, _ = init_engine(module, cfg, build_ds_config(cfg, WORLD), total_steps=10)
+    at_init = full_fp32_state_dict(engine, zero)
+    for step in range(2):
+        train_step(engine, [_batches(step, rank)])
+    trained = full_fp32_state_dict(engine, zero)
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    return {"init": init, "at_init": at_init, "trained": trained}
+
+
 def _rank_main(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
@@ -82,6 +102,8 @@ def _rank_main(rank, port, out_dir):
             t0 = time.time()
             results[run] = _train(*run, rank)
             results[run]["seconds"] = time.time() - t0
+        for zero in range(4):
+            results[("bf16", zero)] = _bf16_masters(zero, rank)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "zero.pt"))
     finally:
@@ -108,6 +130,21 @@ def test_same_loss_curve_and_weights_as_zero0(zero_results, run):
         torch.testing.assert_close(got["state"][name], p, rtol=1e-4, atol=1e-5, msg=name)
     if run[0] == "siglip":
         assert got["state"]["loss.logit_bias"].item() != -10.0  # the bias is trained by the engine's optimizer
+
+
+@pytest.mark.parametrize("zero", range(4))
+def test_bf16_master_weights_start_exact_and_are_exported(zero_results, zero):
+    """DeepSpeed builds the fp32 masters from the bf16-cast module; init_engine resets them to the exact fp32 init
+    (SigLIP's logit_scale = log 10, not its bf16 rounding), and the exported weights are the masters (at stage 0 too,
+    which deepspeed.utils.safe_get_full_fp32_param does not cover), not the bf16 copies."""
+    got = zero_results[("bf16", zero)]
+    for name, value in got["init"].items():
+        assert torch.equal(got["at_init"][name], value), name
+    assert got["at_init"]["model.logit_scale"].item() == pytest.approx(math.log(10), abs=1e-6)  # bf16: 2.296875
+    trained = torch.cat([v.flatten() for k, v in got["trained"].items() if k in got["init"]])
+    assert (trained != trained.bfloat16().float()).float().mean() > 0.9  # fp32 values, not bf16 copies
+    changed = torch.cat([(got["trained"][k] - v).abs().flatten() for k, v in got["init"].items()])
+    assert changed.max() > 1e-4  # it trained
 
 
 def test_fp16_ds_config_uses_dynamic_loss_scaling():

@@ -203,13 +203,62 @@ def init_engine(model: nn.Module, cfg: "TrainConfig", ds_config: dict, total_ste
     def make_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
+    sixteen_bit = ds_config["bf16"]["enabled"] or ds_config["fp16"]["enabled"]
+    fp32_init = {n: p.detach().float().clone() for n, p in model.named_parameters()} if sixteen_bit else {}
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.weight_decay),
         lr_scheduler=make_scheduler,
         config=ds_config,
     )
+    if fp32_init:
+        # DeepSpeed casts the module to 16 bits first and builds the fp32 master weights from that copy, so they
+        # would start rounded (bf16 keeps 8 mantissa bits: logit_scale = log(1/0.07) = 2.6593 becomes 2.6562).
+        # Start them from the exact fp32 initialisation, as open_clip's AMP training does.
+        set_full_fp32_params(engine, fp32_init)
     return engine, scheduler
+
+
+def _stage0_masters(engine) -> dict[int, torch.Tensor]:
+    """ZeRO stage 0 in 16 bits (DeepSpeed's FP16_UnfusedOptimizer, also used for bf16): {id(module param): its fp32
+    master}. deepspeed.utils.safe_get/set_full_fp32_param do not know this optimizer (they return None / do
+    nothing), so the masters are found by pairing its fp16_groups with its fp32_groups."""
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() != 0 or not hasattr(opt, "fp16_groups") or not hasattr(opt, "fp32_groups"):
+        return {}
+    pairs = [(p, q) for g16, g32 in zip(opt.fp16_groups, opt.fp32_groups) for p, q in zip(g16, g32)]
+    return {id(p): q for p, q in pairs if isinstance(q, torch.Tensor) and q.shape == p.shape}
+
+
+def set_full_fp32_params(engine, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite the fp32 master weights (ZeRO 0-3, each rank its partition) with the full fp32 tensors in `state`
+    (keyed like engine.module.named_parameters(); the same on every rank)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    masters = _stage0_masters(engine)
+    for name, p in engine.module.named_parameters():
+        value = state[name].to(p.device)
+        if id(p) in masters:
+            masters[id(p)].data.copy_(value)
+            p.data.copy_(value)
+        elif hasattr(p, "ds_id"):
+            _set_zero3_master(p, value)
+        else:
+            safe_set_full_fp32_param(p, value)  # ZeRO 1/2: this rank's fragment of the fp32 master
+    # The 16-bit module copies already are the 16-bit casts of these values (DeepSpeed made them from the same init).
+
+
+def _set_zero3_master(param, value: torch.Tensor) -> None:
+    """ZeRO-3: copy this rank's slice of `value` into its fp32 master partition. Stage 3's own set_full_hp_param
+    (what safe_set_full_fp32_param calls) fails on a padded last partition (a 1-element logit_scale on 2 ranks:
+    "start (1) + length (1) exceeds dimension size (1)"); the padding stays zero here."""
+    opt = param._z3_optimizer
+    part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    flat = value.flatten().to(part.dtype)
+    start = part.numel() * opt._get_param_partition_rank(param)
+    n = max(0, min(part.numel(), flat.numel() - start))
+    part.data.zero_()
+    part.data[:n].copy_(flat[start : start + n])
 
 
 def step_stats(engine, precision: str) -> dict:
@@ -233,17 +282,17 @@ def full_fp32_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
     """The full fp32 weights on every rank (a collective: ALL ranks must call it).
 
     Under bf16 the module holds bf16 copies; the fp32 master weights live, partitioned, in the ZeRO optimizer.
-    deepspeed.utils.safe_get_full_fp32_param assembles them (ZeRO 1/2/3); parameters it does not manage fall back
-    to the (gathered, for ZeRO-3) module weights.
+    deepspeed.utils.safe_get_full_fp32_param assembles them (ZeRO 1/2/3), stage 0's are paired up directly;
+    parameters no optimizer manages fall back to the (gathered, for ZeRO-3) module weights.
     """
     import contextlib
 
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    state = {}
+    state, masters = {}, _stage0_masters(engine)
     for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p)
+        full = masters[id(p)] if id(p) in masters else safe_get_full_fp32_param(p)
         if full is None:
             gather = deepspeed.zero.GatheredParameters([p]) if zero_stage == 3 else contextlib.nullcontext()
             with gather:
