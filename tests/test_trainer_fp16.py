@@ -20,6 +20,7 @@ from trainer.checkpoint import load_model
 from trainer.train import main
 
 STEPS, WARMUP, LR, POWER = 8, 4, 1e-3, 18
+TORCH_LINEAR = torch.nn.functional.linear
 
 
 @pytest.fixture
@@ -86,6 +87,7 @@ def test_fp16_skips_overflowing_steps_and_resumes_exactly(tmp_path, cpu_fp16, ze
             assert got[step][key] == pytest.approx(rows[step][key], rel=1e-5, abs=1e-6), (step, key)
     resumed = load_model(run / "checkpoint").state_dict()
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+    assert torch.nn.functional.linear is TORCH_LINEAR  # ZeRO-3's process-wide replacement was undone
 
 
 def test_fp16_step_updates_weights_like_fp32(tmp_path, cpu_fp16):

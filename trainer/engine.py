@@ -176,6 +176,18 @@ def destroy_distributed() -> None:
     ds_dist.destroy_process_group()
 
 
+def undo_process_patches() -> None:
+    """Put back what a ZeRO-3 engine changed for the whole process. ZeRO-3 (memory_efficient_linear, on by default)
+    replaces torch.nn.functional.linear with its own autograd Function and leaves it so ("This will persist unless
+    manually reset"): every later model in the process, e.g. evaluation, a second run in a notebook or a test,
+    would run its linears through it (and selective checkpointing would recompute their matmuls)."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
+
+    original = getattr(patcher, "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original
+
+
 def init_distributed(cfg: "TrainConfig") -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU). -> (rank, local_rank, world)."""
     import deepspeed

@@ -410,8 +410,16 @@ def _evaluate(engine, eval_data, cfg: TrainConfig, rank: int, world: int) -> dic
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Train in this process (one rank of the launched world). -> the run summary (rank 0 also writes it)."""
     from trainer import engine as ds  # the only DeepSpeed-importing module
 
+    try:
+        return _train(cfg, ds)
+    finally:
+        ds.undo_process_patches()  # ZeRO-3's process-wide torch.nn.functional.linear replacement
+
+
+def _train(cfg: TrainConfig, ds) -> dict:
     rank, local_rank, world = ds.init_distributed(cfg)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
