@@ -279,7 +279,8 @@ def step_stats(engine, precision: str) -> dict:
     grad_norm: the global gradient norm before clipping (None where DeepSpeed computed none, e.g. no clipping at
     ZeRO 0, or where it overflowed). Under fp16 also loss_scale, DeepSpeed's current dynamic loss scale, and
     overflow_steps, the optimizer steps skipped so far because a gradient overflowed: DeepSpeed then leaves the
-    weights and the LR schedule as they were and lowers the scale (after `hysteresis` overflows in a row).
+    weights and the LR schedule as they were and halves the scale (the first overflow after the start or after a
+    scale increase only uses up the hysteresis of 2).
     Both are in DeepSpeed's checkpoint, so they continue across --resume.
     """
     norm = engine.get_global_grad_norm()
