@@ -294,7 +294,7 @@ class TrainBatches:
     rank; `state_dict()` is the position after the last batch returned (pass it back as `state` to resume)."""
 
     def __init__(self, sources, image_size, context_length, batch_size, seed, rank, world, workers, shuffle_buffer,
-                 augment, resampled, state: dict | None):
+                 augment, resampled, state: dict | None, pin_memory: bool = False):
         self.key = {"seed": seed, "world": world, "workers": max(1, workers), "resampled": resampled,
                     "sources": [s.root for s in sources], "batch_size": batch_size}
         self.batches, self.slots = 0, {}
@@ -314,8 +314,10 @@ class TrainBatches:
         else:
             # its own generator: the workers' base seed is not drawn from the global torch RNG, whose state belongs
             # to the training step (patch dropout) and is restored on resume (workers use no torch RNG anyway)
+            # pin_memory (GPU runs): the loader's pin thread puts batches in page-locked memory, so the trainer's
+            # .to(device, non_blocking=True) is an asynchronous DMA (what open_clip's loader does)
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True,
-                                                 generator=torch.Generator().manual_seed(seed))
+                                                 generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory)
             self._it = iter(loader)
 
     def __iter__(self):
@@ -334,9 +336,10 @@ class TrainBatches:
 def train_batches(
     shards: ShardSet | list[ShardSet], image_size: int, context_length: int, batch_size: int, seed: int = 0,
     rank: int = 0, world: int = 1, workers: int = 0, shuffle_buffer: int = 1000, augment: TrainAugment | None = None,
-    resampled: bool = False, state: dict | None = None,
+    resampled: bool = False, state: dict | None = None, pin_memory: bool = False,
 ) -> TrainBatches:
-    """This rank's endless batch iterator over one source or several weighted sources (see the module doc)."""
+    """This rank's endless batch iterator over one source or several weighted sources (see the module doc).
+    pin_memory (with workers > 0): batches arrive in page-locked host memory, for asynchronous copies to a GPU."""
     sources = [shards] if isinstance(shards, ShardSet) else list(shards)
     return TrainBatches(sources, image_size, context_length, batch_size, seed, rank, world, workers, shuffle_buffer,
-                        augment, resampled, state)
+                        augment, resampled, state, pin_memory=pin_memory)

@@ -477,7 +477,7 @@ def _train(cfg: TrainConfig, ds) -> dict:
     batches = train_batches(sources, model_config.vision.image_size, model_config.text.context_length,
                             cfg.batch_size, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
                             shuffle_buffer=cfg.shuffle_buffer, augment=TrainAugment(scale=tuple(cfg.aug_scale)),
-                            resampled=cfg.resampled, state=rank_state.get("data"))
+                            resampled=cfg.resampled, state=rank_state.get("data"), pin_memory=on_gpu)
     if rank_state.get("rng"):  # the RNGs as they were after the checkpoint's step (the stream uses its own seeds)
         resume.set_rng_state(rank_state["rng"])
     device = engine.device
@@ -502,7 +502,7 @@ def _train(cfg: TrainConfig, ds) -> dict:
             for _ in range(cfg.grad_accum):
                 images, tokens, skipped = next(batches)
                 skipped_local += skipped
-                micro_batches.append((images.to(device), tokens.to(device)))
+                micro_batches.append((images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)))
             lr = scheduler.get_last_lr()[0]
             loss, logit_scale = train_step(engine, micro_batches)
             loss_sum += loss.double()
