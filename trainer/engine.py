@@ -252,7 +252,6 @@ def set_full_fp32_params(engine, state: dict[str, torch.Tensor]) -> None:
         value = state[name].to(p.device)
         if id(p) in masters:
             masters[id(p)].data.copy_(value)
-            p.data.copy_(value)
         elif hasattr(p, "ds_id"):
             _set_zero3_master(p, value)
         else:
