@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import write_shards
 from trainer import resume
@@ -47,6 +48,21 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, monkeypatch, zero, e
     a, b = load_model(ref / "checkpoint").state_dict(), load_model(run / "checkpoint").state_dict()
     assert all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
     assert (run / "open_clip" / "open_clip_config.json").is_file()
+
+
+def test_bf16_stage0_resume_is_exact(tmp_path):
+    """bf16 at ZeRO 0 keeps its fp32 masters in DeepSpeed's FP16_UnfusedOptimizer (not a ZeRO optimizer): a run
+    resumed from the step-3 checkpoint continues with the same losses and final fp32 weights (one process)."""
+    shards = write_shards(tmp_path / "shards", n_shards=2, per_shard=16, size=32)
+    args = ["--shards", str(shards), "--preset", "tiny", "--steps", "6", "--batch-size", "8", "--zero", "0",
+            "--precision", "bf16", "--log-every", "1", "--save-every", "3", "--keep-last", "3", "--workers", "0"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([*args, "--out", str(ref)]) == 0
+    assert main([*args, "--out", str(run), "--resume", str(ref / "checkpoints" / "step_00000003")]) == 0
+    expected, got = _losses(ref), _losses(run)
+    assert sorted(got) == [4, 5, 6] and all(got[s] == expected[s] for s in got)
+    a, b = load_model(ref / "checkpoint").state_dict(), load_model(run / "checkpoint").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_arguments(tmp_path, capsys):
