@@ -77,6 +77,11 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 BLOCK_ELEMENTS = 1 << 24  # logits held at once by the CLIP / SigLIP loss: 64 MB in fp32 (rows per block = this // M)
 
 
+def _rows_per_block(n: int, M: int) -> int:
+    """Rows of an [n, M] logits matrix computed at once so that a block holds at most BLOCK_ELEMENTS logits."""
+    return max(1, min(n, BLOCK_ELEMENTS // max(M, 1)))
+
+
 class BlockedCrossEntropy(torch.autograd.Function):
     """mean over rows k of [logsumexp_j(s * x_k.y_j) - s * x_k.y_(offset+k)]: F.cross_entropy of the [n, M] logits
     s * x @ y.T with labels offset + k, computed in row blocks so that the logits never exist whole.
@@ -90,7 +95,7 @@ class BlockedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, offset: int) -> torch.Tensor:
         n, M = x.shape[0], y.shape[0]
-        block = max(1, min(n, BLOCK_ELEMENTS // max(M, 1)))
+        block = _rows_per_block(n, M)
         lse = torch.cat([torch.logsumexp(s * (x[i:i + block] @ y.T), dim=1) for i in range(0, n, block)])  # [n]
         positives = s * (x * y[offset:offset + n]).sum(dim=1)  # [n]
         ctx.save_for_backward(x, y, s, lse)
@@ -138,7 +143,7 @@ class BlockedSigmoidLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, s, b, offset: int):
         n, M = x.shape[0], y.shape[0]
-        block = max(1, min(n, BLOCK_ELEMENTS // max(M, 1)))
+        block = _rows_per_block(n, M)
         total = sum(-F.logsigmoid(BlockedSigmoidLoss._block(x, y, s, b, offset, i, block)[1]).sum()
                     for i in range(0, n, block))
         ctx.save_for_backward(x, y, s, b)
