@@ -13,7 +13,7 @@ the fake CPU; clipforge's activation offload sends block inputs to "meta", count
 Sides (same architecture, same fp32 images [B,3,S,S] and int64 tokens [B,ctx] as the trainers' loaders give):
 * open_clip: open_clip.create_model, fp32 weights, set_grad_checkpointing(True), forward + open_clip.loss.ClipLoss
   under torch.autocast(bf16), backward, torch AdamW (fp32 moments): open_clip's train loop.
-* clipforge: trainer.model.CLIP in bf16 (DeepSpeed bf16 keeps the module in bf16), trainer.parallel
+* clipforge: trainer.clip.model.CLIP in bf16 (DeepSpeed bf16 keeps the module in bf16), trainer.parallel
   .apply_activation_checkpointing (full checkpointing; optionally --offload / --chunks), trainer.loss.clip_loss,
   backward. DeepSpeed's ZeRO-2 state is not simulated op by op; it is allocated as fake tensors of its documented
   sizes on one rank: fp32 master weights, Adam exp_avg and exp_avg_sq (12 bytes/param), the fp32 gradient
@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 for _p in (ROOT, ROOT / "bench"):  # trainer/ and gpu_sides.py (open_clip's model built as bench_train_gpu builds it)
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+
+from trainer.clip.formats.atomic import atomic_write_json  # noqa: E402
 
 GIB = 2**30
 HOST = "meta"  # where simulated activation offload puts tensors (any device other than the simulated one)
@@ -114,7 +116,7 @@ def simulate(arch: str, side: str, batch: int, offload: bool = False, chunks: in
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from trainer.loss import clip_loss  # clipforge's loss: row-blocked cross-entropy (no [B, B] logits held)
-    from trainer.model import CLIP, get_config
+    from trainer.clip.model import CLIP, get_config
 
     cfg = get_config(arch)
     with FakeTensorMode() as mode:
@@ -251,7 +253,7 @@ def run(archs, budget_gib: float, batches, cap: int, chunks: int, out: str | Non
                 print(f"ratio {arch} open_clip/{name} executed FLOPs per sample: {work['open_clip'] / gflop:.2f}",
                       flush=True)
     if out:
-        Path(out).write_text(json.dumps(result, indent=2))
+        atomic_write_json(out, result)
     return result
 
 

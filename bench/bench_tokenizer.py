@@ -92,7 +92,7 @@ def make_captions(n: int, seed: int = 0) -> list[str]:
 
 
 def _time_fast(captions: list[str], batch: int, memo_size: int | None, parallel: bool = False) -> dict:
-    from trainer.tokenizer import FastTokenizer, tokenize
+    from trainer.clip.tokenizer import FastTokenizer, tokenize
 
     t0 = time.perf_counter()
     kw = {} if memo_size is None else {"memo_size": memo_size}
@@ -148,7 +148,7 @@ def run(n: int = 1_000_000, open_clip_n: int = 20_000, batch: int = 10_000, seed
     import open_clip
     import torch
 
-    from trainer.tokenizer import tokenize
+    from trainer.clip.tokenizer import tokenize
 
     t0 = time.perf_counter()
     captions = make_captions(n, seed)

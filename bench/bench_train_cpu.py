@@ -14,7 +14,7 @@ format, `shard-{i:05d}.tar` with KEY.jpg / KEY.txt / KEY.json + manifest.json, o
   --checkpoint-policy full|selective]`, once per --zero stage.
 * open_clip: this file re-run as a small wrapper (`_open_clip_side`, under `torchrun --nproc_per_node P` when
   P > 1) that registers the same architecture with `open_clip.add_model_config` (the JSON comes from
-  trainer.convert.open_clip_model_config, the mapping clipforge's open_clip export uses), patches one webdataset
+  trainer.clip.convert.open_clip_model_config, the mapping clipforge's open_clip export uses), patches one webdataset
   incompatibility (see _patch_open_clip_train) and calls `open_clip_train.main.main(argv)` with
   `--dataset-type webdataset --dataset-resampled --train-data 'D/shard-{00000..0000K}.tar' --batch-size B
   --workers W --precision fp32 --grad-clip-norm 1.0 --log-every-n-steps 1 --epochs 1 --train-num-samples N*B*P`
@@ -72,7 +72,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,54 +81,47 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from trainer.clip.formats.atomic import atomic_write_json  # noqa: E402
+
 OPEN_CLIP_SIDE = "_open_clip_side"  # argv[1] of the wrapper mode
 TIMES_ENV = "CLIPFORGE_BENCH_OC_TIMES"  # where the wrapper writes its per-step times (rank 0)
 
 
 # ------------------------------------------------------------------------------------------------------ data
 def build_shards(root: Path, n_shards: int = 8, per_shard: int = 128, px: int = 64, seed: int = 0) -> Path:
-    """Synthetic shards in clipforge's format (clipforge.shards.v1): per sample KEY.jpg (px x px RGB JPEG of
+    """Synthetic shards in clipforge's format (trainer.clip.formats.shards): per sample KEY.jpg (px x px RGB JPEG of
     smooth random colour fields), KEY.txt (a caption of 5-12 words), KEY.json; manifest.json last."""
     import numpy as np
     from PIL import Image
 
-    root.mkdir(parents=True, exist_ok=True)
+    from trainer.clip.formats.shards import write_shard_dir
+
     rng = np.random.default_rng(seed)
     words = ("a photo of the red green blue small large round square cat dog tree car house flower bird "
              "icon drawing on white background with two three old new bright dark").split()
-    shards, k = [], 0
-    for s in range(n_shards):
-        name = f"shard-{s:05d}.tar"
-        tmp = root / f".{name}.tmp"
-        with tarfile.open(tmp, "w") as tf:
-            for _ in range(per_shard):
-                key = f"{k:09d}"
-                # low-frequency colour noise upsampled: compresses like a real small photo, not like white noise
-                small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-                img = Image.fromarray(small).resize((px, px), Image.Resampling.BILINEAR)
-                buf = io.BytesIO()
-                img.save(buf, "JPEG", quality=90)
-                jpg = buf.getvalue()
-                caption = " ".join(rng.choice(words, size=int(rng.integers(5, 13))))
-                meta = {"key": key, "url": f"http://example.com/{key}.jpg", "caption": caption, "width": px,
-                        "height": px, "sha256": hashlib.sha256(jpg).hexdigest()}
-                for ext, data in (("jpg", jpg), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime = len(data), 0
-                    tf.addfile(info, io.BytesIO(data))
-                k += 1
-        os.replace(tmp, root / name)
-        shards.append({"tar": name, "parquet": name.replace(".tar", ".parquet"), "num_samples": per_shard})
-    (root / "manifest.json").write_text(json.dumps({"format": "clipforge.shards.v1", "num_samples": k,
-                                                    "missing": 0, "shards": shards}))
+
+    def sample(k: int) -> dict:
+        key = f"{k:09d}"
+        # low-frequency colour noise upsampled: compresses like a real small photo, not like white noise
+        small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((px, px), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        jpg = buf.getvalue()
+        caption = " ".join(rng.choice(words, size=int(rng.integers(5, 13))))
+        meta = {"key": key, "url": f"http://example.com/{key}.jpg", "caption": caption, "width": px,
+                "height": px, "sha256": hashlib.sha256(jpg).hexdigest()}
+        return {"__key__": key, "jpg": jpg, "txt": caption, "json": meta}
+
+    write_shard_dir(root, ((sample(s * per_shard + i) for i in range(per_shard)) for s in range(n_shards)))
     return root
 
 
 def shard_names(shards_dir: Path) -> list[str]:
-    m = shards_dir / "manifest.json"
-    if m.is_file():
-        return [s["tar"] for s in json.loads(m.read_text())["shards"]]
-    return sorted(p.name for p in shards_dir.glob("*.tar"))
+    from trainer.clip.formats.shards import list_shards
+
+    d = list_shards(shards_dir)
+    return [d.relative(s) for s in d.shards]
 
 
 def brace_pattern(shards_dir: Path) -> str:
@@ -259,12 +251,12 @@ def open_clip_cmd(cfg: BenchConfig, config_json: Path, argv: list[str]) -> list[
 
 
 def write_open_clip_config(model: str, path: Path) -> str:
-    """The open_clip model-config JSON of clipforge's `model` (via trainer.convert, as export_open_clip writes
+    """The open_clip model-config JSON of clipforge's `model` (via trainer.clip.convert, as export_open_clip writes
     it) at `path`; open_clip registers it under the file's stem. Returns that name."""
     import torch
 
-    from trainer.convert import open_clip_model_config
-    from trainer.model import CLIP, get_config
+    from trainer.clip.convert import open_clip_model_config
+    from trainer.clip.model import CLIP, get_config
 
     with torch.device("meta"):  # only the config is needed, not weights
         model_cfg = open_clip_model_config(CLIP(get_config(model)))
@@ -448,8 +440,7 @@ def run(cfg: BenchConfig, shards: str | None = None, out: str | None = None, wor
               "ratios": ratios, "stat": cfg.stat, "headline": headline, "ratio": ratio, "target": 1.0,
               "total_wall_s": time.perf_counter() - t0}
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
+        atomic_write_json(out, result)
         log(f"wrote {out}")
     if own_tmp is not None:
         shutil.rmtree(own_tmp, ignore_errors=True)

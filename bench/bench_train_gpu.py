@@ -8,7 +8,7 @@ What one step is, per side (data loading is not measured: one random batch lives
 images [B,3,S,S] float32 in N(0,1) as both trainers' loaders deliver float32, tokens [B,ctx] int64 with random ids,
 an end-of-text token 49407 at a random position and zero padding after it):
 
-* clipforge: trainer.model.CLIP + trainer.parallel.apply_activation_checkpointing, then trainer.engine
+* clipforge: trainer.clip.model.CLIP + trainer.parallel.apply_activation_checkpointing, then trainer.engine
   (build_ds_config from a trainer.train.TrainConfig with zero=2, precision=bf16, init_distributed, init_engine),
   world size 1: engine(images, tokens) -> trainer.loss.clip_loss -> engine.backward -> engine.step, exactly the
   trainer's loop (grad clipping 1.0, torch AdamW through DeepSpeed's "torch_adam", LR schedule stepping).
@@ -89,6 +89,8 @@ for _p in (ROOT, Path(__file__).resolve().parent):  # the repo (trainer/) and be
         sys.path.insert(0, str(_p))
 
 import torch  # noqa: E402
+
+from trainer.clip.formats.atomic import atomic_write_json  # noqa: E402
 
 from gpu_sides import (_is_oom, _Side, flops_per_sample, make_side, measure_matmul_tflops,  # noqa: E402,F401
                        synthetic_batch)
@@ -428,7 +430,7 @@ def run(arch_list, batch: int = 256, steps: int = 20, device: str = "cuda", **kw
     def save():
         if cfg.out:
             Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.out).write_text(json.dumps(res, indent=2))
+            atomic_write_json(cfg.out, res)
 
     sides = list(cfg.sides) + (["clipforge_no_ds_timer_sync"] if cfg.diagnostic_no_sync else [])
     print(f"== throughput: {', '.join(cfg.arch_list)}; batches {[batch] + list(cfg.extra_batches)}; "

@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from trainer.model import CLIP, get_config  # noqa: E402
+from trainer.clip.model import CLIP, get_config  # noqa: E402
 from trainer.monitor import flops_per_sample as analytic_flops  # noqa: E402
 
 EOT = 49407

@@ -8,8 +8,8 @@ access) -> PIL decode + eval preprocess -> CLIP image tower (inference_mode) -> 
 vectors -> FAISS inner-product index -> search parameters (nprobe / efSearch) tuned on *text* queries
 (captions from the data) against exact search, so the index meets a recall target rather than a latency guess.
 
-Writes INDEX_DIR/{image.index, metadata.parquet, index.json}; every file goes to a temp path first and is
-os.replace'd into place, index.json last (it is the commit marker). Corrupt samples are skipped and counted.
+Writes INDEX_DIR/{image.index, metadata.parquet, index.json} (the contract: trainer.clip.formats.index), each file
+atomically, index.json last (the commit marker); a rebuild replaces all three. Corrupt samples are skipped and counted.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import math
-import os
 import sys
 import tarfile
 import time
@@ -29,12 +28,12 @@ from typing import Iterator
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-INDEX_FORMAT = "clipforge.index.v1"
-INDEX_FILE, META_FILE, INFO_FILE = "image.index", "metadata.parquet", "index.json"
+from trainer.clip.formats.index import INDEX_FORMAT, METADATA_SCHEMA, write_index_dir
+from trainer.clip.formats.shards import ShardFormatError, TarSample, iter_tar_samples, list_shards
+
 
 
 @dataclass
@@ -76,81 +75,54 @@ class Sample:
     jpg: bytes
 
 
-def list_shards(shards_dir: Path) -> list[tuple[str, int | None]]:
-    """(tar path relative to shards_dir, expected sample count or None): from manifest.json, else a *.tar glob."""
-    if not shards_dir.is_dir():
-        raise BuildError(f"shards dir not found: {shards_dir}")
-    manifest = shards_dir / "manifest.json"
-    if manifest.exists():
-        try:
-            info = json.loads(manifest.read_text())
-            tars = [(s["tar"], s.get("num_samples")) for s in info["shards"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise BuildError(f"unreadable manifest {manifest}: {e}") from e
-    else:
-        tars = [(p.name, None) for p in sorted(shards_dir.glob("*.tar"))]
-    if not any((shards_dir / t).is_file() for t, _ in tars):
+def list_tars(shards_dir: Path) -> list[tuple[str, int | None]]:
+    """(tar path relative to shards_dir, expected sample count or None) of every shard (see
+    trainer.clip.formats.shards), missing tars included: their samples are counted as skipped."""
+    try:
+        d = list_shards(shards_dir)
+    except ShardFormatError as e:
+        raise BuildError(str(e)) from e
+    if not d.present:
         raise BuildError(f"no shard tars found in {shards_dir} (expected manifest.json or *.tar)")
-    return tars
+    return [(d.relative(s), s.num_samples) for s in d.shards]
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """'dir/000000012.jpg' -> ('dir/000000012', 'jpg') (webdataset rule: the extension starts at the basename's first dot)."""
-    head, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def _make_sample(rel: str, key: str, group: dict[str, tuple[tarfile.TarInfo, bytes]]) -> Sample | None:
-    """One sample's members {ext: (TarInfo, bytes)} -> Sample, or None when it has no jpg."""
-    if "jpg" not in group:
+def _make_sample(rel: str, sample: TarSample) -> Sample | None:
+    """One tar sample -> Sample, or None when it has no jpg."""
+    jpg = sample.members.get("jpg")
+    if jpg is None:
         return None
-    info, jpg = group["jpg"]
     meta = {}
-    if "json" in group:
+    if "json" in sample.members:
         try:
-            meta = json.loads(group["json"][1].decode("utf-8"))
+            meta = json.loads(sample.members["json"].data.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
             meta = {}
     meta = meta if isinstance(meta, dict) else {}
-    caption = group["txt"][1].decode("utf-8", "replace").strip() if "txt" in group else str(meta.get("caption", ""))
-    return Sample(key=str(meta.get("key", key.rpartition("/")[2])), caption=caption, url=str(meta.get("url", "")),
-                  shard=rel, member=info.name, offset=info.offset_data, size=info.size, jpg=jpg)
+    txt = sample.members.get("txt")
+    caption = txt.data.decode("utf-8", "replace").strip() if txt is not None else str(meta.get("caption", ""))
+    return Sample(key=str(meta.get("key", sample.key.rpartition("/")[2])), caption=caption,
+                  url=str(meta.get("url", "")), shard=rel, member=jpg.name, offset=jpg.offset, size=jpg.size,
+                  jpg=jpg.data)
 
 
 def iter_samples(shards_dir: Path, tars: list[tuple[str, int | None]], stats: dict) -> Iterator[Sample]:
-    """Stream samples in tar order (a sample = consecutive members sharing a key). Samples without a jpg count as
-    skipped; so do a missing/truncated/corrupt tar's partial sample and its unread rest (from manifest num_samples)."""
+    """Stream samples in tar order. Samples without a jpg count as skipped; so does what a missing / truncated /
+    corrupt tar leaves unread (its manifest num_samples minus those read, at least the damaged one)."""
     for rel, expected in tars:
-        key, group, done = None, {}, 0  # done: samples of this tar already handed on or counted
+        done = 0  # samples of this tar already handed on or counted
         try:
-            with tarfile.open(shards_dir / rel, mode="r:") as tf:
-                for info in tf:
-                    if not info.isfile():
-                        continue
-                    k, ext = _split_key(info.name)
-                    if k != key and key is not None:
-                        sample, done = _make_sample(rel, key, group), done + 1
-                        if sample is None:
-                            stats["skipped"] += 1
-                        else:
-                            yield sample
-                    if k != key:
-                        key, group = k, {}
-                    f = tf.extractfile(info)
-                    group[ext] = (info, f.read() if f is not None else b"")
+            for tar_sample in iter_tar_samples(shards_dir / rel):
+                sample, done = _make_sample(rel, tar_sample), done + 1
+                if sample is None:
+                    stats["skipped"] += 1
+                else:
+                    yield sample
         except (tarfile.TarError, OSError, EOFError) as e:
-            lost = max(expected or 0, done + (key is not None)) - done
+            lost = max(expected or 0, done + 1) - done
             print(f"warning: shard {rel} is missing, corrupt or truncated ({e}); skipping its {lost} unread samples",
                   file=sys.stderr)
             stats["skipped"] += lost
-            continue
-        if key is not None:
-            sample = _make_sample(rel, key, group)
-            if sample is None:
-                stats["skipped"] += 1
-            else:
-                yield sample
 
 
 def decode(sample: Sample, preprocess) -> torch.Tensor | None:
@@ -286,32 +258,11 @@ def tune_search(index: faiss.Index, x: np.ndarray, xq: np.ndarray, target: float
 
 # ----------------------------------------------------------------------------- writing
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_outputs(out: Path, index: faiss.Index, samples: list[Sample], info: dict) -> None:
-    """Write all three files to temp paths, then os.replace them into place (index.json last)."""
-    out.mkdir(parents=True, exist_ok=True)
-    table = pa.table({
-        "key": pa.array([s.key for s in samples], pa.string()),
-        "caption": pa.array([s.caption for s in samples], pa.string()),
-        "url": pa.array([s.url for s in samples], pa.string()),
-        "shard": pa.array([s.shard for s in samples], pa.string()),
-        "member": pa.array([s.member for s in samples], pa.string()),
-        "offset": pa.array([s.offset for s in samples], pa.int64()),
-        "size": pa.array([s.size for s in samples], pa.int64()),
-    })
-    tmps = {name: _tmp(out / name) for name in (INDEX_FILE, META_FILE, INFO_FILE)}
-    try:
-        faiss.write_index(index, str(tmps[INDEX_FILE]))
-        pq.write_table(table, tmps[META_FILE])
-        tmps[INFO_FILE].write_text(json.dumps(info, indent=2) + "\n")
-        for name in (INDEX_FILE, META_FILE, INFO_FILE):
-            os.replace(tmps[name], out / name)
-    finally:
-        for p in tmps.values():
-            p.unlink(missing_ok=True)
+    """The index dir (trainer.clip.formats.index): image.index, metadata.parquet, then index.json."""
+    table = pa.table({name: [getattr(s, name) for s in samples] for name in METADATA_SCHEMA.names},
+                     schema=METADATA_SCHEMA)
+    write_index_dir(out, lambda tmp: faiss.write_index(index, tmp), table, info)
 
 
 # ----------------------------------------------------------------------------- main
@@ -320,10 +271,10 @@ def build(cfg: IndexConfig) -> dict:
     """Run the whole stage; returns the index.json dict."""
     t0 = time.time()
     shards_dir, ckpt = Path(cfg.shards).resolve(), Path(cfg.checkpoint).resolve()
-    tars = list_shards(shards_dir)
+    tars = list_tars(shards_dir)
     if not ckpt.exists():  # a clipforge dir, or an OpenAI / open_clip / Hugging Face weights file or folder
         raise BuildError(f"checkpoint not found: {ckpt}")
-    from trainer.checkpoint import load_pretrained  # public trainer API only
+    from trainer.clip.checkpoint import load_pretrained  # public trainer API only
 
     torch.manual_seed(cfg.seed)
     try:

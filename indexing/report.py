@@ -11,11 +11,12 @@ import argparse
 import base64
 import html
 import io
-import os
 import sys
 from pathlib import Path
 
 from PIL import Image
+
+from trainer.clip.formats.atomic import atomic_write_text
 
 THUMB = 224  # longest side of an inlined thumbnail, pixels
 
@@ -96,16 +97,8 @@ def render_html(searcher, queries: list[str], k: int) -> str:
 
 
 def write_html(searcher, queries: list[str], k: int, out_path: str | Path) -> Path:
-    """Render the results page and write it atomically (temp file in the same dir, then os.replace)."""
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(render_html(searcher, queries, k), encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    """Render the results page and write it atomically."""
+    return atomic_write_text(out_path, render_html(searcher, queries, k))
 
 
 def main(argv: list[str] | None = None) -> int:

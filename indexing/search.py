@@ -24,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexing.build import INDEX_FILE, INDEX_FORMAT, INFO_FILE, META_FILE, encode_texts
+from indexing.build import encode_texts
+from trainer.clip.formats.index import INDEX_FILE, META_FILE, IndexFormatError, read_index_info
 
 
 @dataclass
@@ -63,12 +64,10 @@ class Searcher:
     def __init__(self, index_dir: str | Path, device: str = "cpu", shards_dir: str | Path | None = None,
                  search_params: dict | None = None, mmap: bool = True):
         self.index_dir = Path(index_dir)
-        info_path = self.index_dir / INFO_FILE
-        if not info_path.is_file():
-            raise SearchError(f"index not found: {info_path} does not exist (build one with python -m indexing.build)")
-        self.info = json.loads(info_path.read_text())
-        if self.info.get("format") != INDEX_FORMAT:
-            raise SearchError(f"{info_path}: unknown format {self.info.get('format')!r}, expected {INDEX_FORMAT!r}")
+        try:
+            self.info = read_index_info(self.index_dir)
+        except IndexFormatError as e:
+            raise SearchError(str(e)) from e
         self.shards_dir = Path(shards_dir) if shards_dir else Path(self.info["shards_dir"])
         self.device = device
 
@@ -86,7 +85,7 @@ class Searcher:
                 print(f"warning: search parameter {name}={value} does not apply to this index", file=sys.stderr)
                 del self.search_params[name]
 
-        from trainer.checkpoint import load_pretrained  # public trainer API only
+        from trainer.clip.checkpoint import load_pretrained  # public trainer API only
 
         self.model, _, self.tokenizer = load_pretrained(self.info["checkpoint"], device=device)
         self.model.eval()

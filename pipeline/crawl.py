@@ -22,7 +22,6 @@ Run locally (`python -m pipeline.crawl URLS OUT`, in-process Ray on 127.0.0.1) o
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import os
 import sys
@@ -32,10 +31,10 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) must not phone home
 
-from pipeline.common import atomic_write_json, init_ray  # noqa: E402
+from pipeline.common import init_ray  # noqa: E402
+from trainer.clip.formats.atomic import atomic_write_json, read_json  # noqa: E402
+from trainer.clip.formats.crawl import CRAWL_FORMAT, CRAWL_MANIFEST, complete_shards  # noqa: E402
 
-# Not `CRAWL_DIR/*.json`: img2dataset's incremental mode parses every top-level *.json name as a shard id.
-MANIFEST = "_clipforge/crawl_manifest.json"
 
 
 @dataclass
@@ -88,7 +87,7 @@ def count_rows(cfg: CrawlConfig) -> int:
 
 def done_shards(output_dir: str) -> set[int]:
     """Shard ids whose `_stats.json` exists (img2dataset writes it after the tar and parquet are closed)."""
-    return {int(Path(p).name.split("_")[0]) for p in glob.glob(os.path.join(output_dir, "*_stats.json"))}
+    return {s.id for s in complete_shards(output_dir)}
 
 
 def _run_img2dataset(cfg: CrawlConfig) -> None:
@@ -111,30 +110,28 @@ def summarize(cfg: CrawlConfig, n_rows: int, attempts: int, wall_s: float) -> di
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.common import read_json
-
     n_shards = max(1, math.ceil(n_rows / cfg.samples_per_shard))
-    done = done_shards(cfg.output_dir)
+    done = complete_shards(cfg.output_dir)
     shards, errors = [], {}
     totals = {"rows": 0, "success": 0, "failed_to_download": 0, "failed_to_resize": 0}
-    for sid in sorted(done):
-        name = f"{sid:05d}"
-        stats = read_json(Path(cfg.output_dir) / f"{name}_stats.json")
-        status = pq.read_table(Path(cfg.output_dir) / f"{name}.parquet", columns=["status"]).column("status")
+    for shard in done:
+        stats = read_json(shard.stats)
+        status = pq.read_table(shard.parquet, columns=["status"]).column("status")
         counts = {k: int(pc.sum(pc.equal(status, k)).as_py() or 0) for k in ("success", "failed_to_download",
                                                                           "failed_to_resize")}
-        shards.append({"id": sid, "tar": f"{name}.tar", "parquet": f"{name}.parquet", "stats": f"{name}_stats.json",
-                       "rows": len(status), **counts})
+        shards.append({"id": shard.id, "tar": shard.tar.name, "parquet": shard.parquet.name,
+                       "stats": shard.stats.name, "rows": len(status), **counts})
         totals["rows"] += len(status)
         for k, v in counts.items():
             totals[k] += v
         for msg, c in stats.get("status_dict", {}).items():
             if msg != "success":
                 errors[msg] = errors.get(msg, 0) + c
+    done_ids = {shard.id for shard in done}
     failed = [{"id": s, "rows": [s * cfg.samples_per_shard, min(n_rows, (s + 1) * cfg.samples_per_shard)]}
-              for s in range(n_shards) if s not in done]
+              for s in range(n_shards) if s not in done_ids]
     totals["rows_in_failed_shards"] = sum(f["rows"][1] - f["rows"][0] for f in failed)
-    return {"format": "clipforge.crawl.v1", "config": asdict(cfg), "input_rows": n_rows, "expected_shards": n_shards,
+    return {"format": CRAWL_FORMAT, "config": asdict(cfg), "input_rows": n_rows, "expected_shards": n_shards,
             "shards": shards, "failed_shards": failed, "totals": totals, "errors": errors, "attempts": attempts,
             "wall_s": round(wall_s, 2), "complete": not failed}
 
@@ -157,7 +154,7 @@ def run(cfg: CrawlConfig) -> dict:
         print(f"crawl: pass {attempts}: {len(missing)}/{n_shards} shards to download", flush=True)
         _run_img2dataset(cfg)
     manifest = summarize(cfg, n_rows, attempts, time.time() - t0)
-    atomic_write_json(Path(cfg.output_dir) / MANIFEST, manifest)
+    atomic_write_json(Path(cfg.output_dir) / CRAWL_MANIFEST, manifest)
     return manifest
 
 
@@ -192,7 +189,7 @@ def main(argv=None) -> int:
     t = m["totals"]
     print(f"crawl: {t['success']}/{m['input_rows']} images in {len(m['shards'])} shards "
           f"({t['failed_to_download']} failed to download, {t['failed_to_resize']} failed to decode/resize) "
-          f"-> {cfg.output_dir}/{MANIFEST}", flush=True)
+          f"-> {cfg.output_dir}/{CRAWL_MANIFEST}", flush=True)
     for msg, c in sorted(m["errors"].items(), key=lambda kv: -kv[1])[:10]:
         print(f"crawl:   {c:6d}  {msg}")
     if m["failed_shards"]:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.common import atomic_write_json, init_ray
+from pipeline.common import init_ray
+from trainer.clip.formats.atomic import atomic_write_json
+from trainer.clip.formats.crawl import CRAWL_MANIFEST
+from trainer.clip.ports import free_port
 
 QUERIES = ["a red apple", "a rocket", "a dog face"]
 
@@ -47,12 +49,6 @@ class DemoConfig:
         """The small end-to-end run used by the test suite."""
         return cls(workdir=workdir, max_emoji=120, variants=2, crawl_samples_per_shard=100,
                    shard_samples_per_shard=64, epochs=0, steps=6, batch_size=16, warmup=2, log_every=2, shuffle_buffer=64)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stage(name: str, fn, timings: dict):
@@ -118,7 +114,7 @@ def run(cfg: DemoConfig) -> dict:
 
     summary = {
         "config": asdict(cfg), "timings_s": timings,
-        "crawl": json.loads((d["crawl"] / crawl.MANIFEST).read_text())["totals"],
+        "crawl": json.loads((d["crawl"] / CRAWL_MANIFEST).read_text())["totals"],
         "filter": {k: v for k, v in json.loads((d["filter"] / "filter_manifest.json").read_text()).items()
                    if k in ("input_rows", "kept", "dropped")},
         "shards": {k: v for k, v in json.loads((d["shards"] / "manifest.json").read_text()).items()

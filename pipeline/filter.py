@@ -15,7 +15,6 @@ keeping the first key. Rerunning overwrites both files atomically.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -23,9 +22,9 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.common import atomic_write_json
+from trainer.clip.formats.crawl import complete_shards
+from trainer.clip.formats.decisions import write_decisions
 
 REASONS = ("crawl_failed", "caption_too_short", "image_too_small", "aspect_ratio", "duplicate")
 
@@ -84,13 +83,8 @@ def decide(row: dict, cfg: FilterConfig):
 # ---- the stage ----------------------------------------------------------------------------------------------------
 
 def crawl_parquets(crawl_dir: str) -> list[str]:
-    """Per-shard parquet files of the complete shards (those with img2dataset's `_stats.json` marker)."""
-    out = []
-    for stats in sorted(glob.glob(os.path.join(crawl_dir, "*_stats.json"))):
-        pq_path = stats[: -len("_stats.json")] + ".parquet"
-        if os.path.exists(pq_path):
-            out.append(pq_path)
-    return out
+    """Per-shard parquet files of the complete crawl shards (trainer.clip.formats.crawl)."""
+    return [str(s.parquet) for s in complete_shards(crawl_dir) if s.parquet.exists()]
 
 
 def run(cfg: FilterConfig) -> dict:
@@ -119,25 +113,14 @@ def run(cfg: FilterConfig) -> dict:
             if r["key"] in first_of:
                 r["keep"], r["reason"], r["detail"] = False, "duplicate", f"same sha256 as {first_of[r['key']]}"
 
-    schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("shard", pa.string()),
-                        ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
-                        ("original_height", pa.int32()), ("sha256", pa.string()), ("keep", pa.bool_()),
-                        ("reason", pa.string()), ("detail", pa.string())])
-    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".decisions.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "decisions.parquet")
-
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     counts = {reason: 0 for reason in REASONS}
     for r in rows:
         if not r["keep"]:
             counts[r["reason"]] += 1
-    manifest = {"format": "clipforge.filter.v1", "config": asdict(cfg), "crawl_dir": os.path.abspath(cfg.crawl_dir),
-                "input_rows": len(rows), "kept": sum(r["keep"] for r in rows), "dropped": counts,
-                "decisions": "decisions.parquet"}
-    atomic_write_json(out / "filter_manifest.json", manifest)
+    manifest = {"config": asdict(cfg), "crawl_dir": os.path.abspath(cfg.crawl_dir), "input_rows": len(rows),
+                "kept": sum(r["keep"] for r in rows), "dropped": counts}
+    manifest = write_decisions(cfg.output_dir, rows, manifest)
     return manifest
 
 

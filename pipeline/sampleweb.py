@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
 import random
 import sys
 import threading
@@ -32,6 +30,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+
+from trainer.clip.formats.atomic import atomic_write, atomic_write_bytes, atomic_write_json, read_json
 
 TEMPLATES = ["{}", "a {}", "an emoji of a {}", "{} icon", "a picture of a {}", "{}, flat illustration"]
 BACKGROUNDS = [(255, 255, 255), (245, 240, 225), (225, 238, 250), (235, 250, 235), (250, 232, 240), (40, 40, 48)]
@@ -108,10 +108,7 @@ def encode(img: Image.Image, fmt: str) -> bytes:
 
 
 def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, durable=False)  # served files: a rerun renders them again
 
 
 def build(out: str | Path, cfg: SampleWebConfig) -> dict:
@@ -164,16 +161,13 @@ def build(out: str | Path, cfg: SampleWebConfig) -> dict:
 
     rng.shuffle(rows)
     table = pa.table({k: [r[k] for r in rows] for k in ("url", "caption", "kind")})
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "urls.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "urls.parquet")
+    atomic_write(out / "urls.parquet", lambda tmp: pq.write_table(table, tmp))
     kinds: dict[str, int] = {}
     for r in rows:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
     summary = {"config": asdict(cfg), "base_url": base, "rows": len(rows), "kinds": kinds,
                "urls": str(out / "urls.parquet"), "www": str(www)}
-    _write(out / "web.json", json.dumps(summary, indent=2).encode())
+    atomic_write_json(out / "web.json", summary)
     return summary
 
 
@@ -230,7 +224,7 @@ def main_serve(argv=None) -> int:
     a = p.parse_args(argv)
     port = a.port
     if port is None:
-        port = json.loads((Path(a.out) / "web.json").read_text())["config"]["port"]
+        port = read_json(Path(a.out) / "web.json")["config"]["port"]
     server = serve(a.out, port)
     print(f"serving {Path(a.out) / 'www'} on http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
     try:

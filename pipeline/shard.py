@@ -16,7 +16,6 @@ A kept sample that is missing or unreadable in the crawl tar is counted in the m
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -27,11 +26,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.common import atomic_write_json, init_ray, read_json
-
-SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("width", pa.int32()),
-                    ("height", pa.int32()), ("sha256", pa.string())])
-
+from pipeline.common import init_ray
+from trainer.clip.formats.atomic import atomic_write
+from trainer.clip.formats.decisions import decisions_path, read_filter_manifest
+from trainer.clip.formats.shards import SAMPLE_SCHEMA, iter_tar_samples, shard_name, write_manifest, write_tar
 
 @dataclass
 class ShardConfig:
@@ -49,7 +47,7 @@ class ShardConfig:
 
 def plan(cfg: ShardConfig) -> list[list[dict]]:
     """Kept rows, sorted by key, cut into output shards."""
-    table = pq.read_table(Path(cfg.filter_dir) / "decisions.parquet",
+    table = pq.read_table(decisions_path(cfg.filter_dir),
                           columns=["key", "url", "caption", "shard", "width", "height", "sha256", "keep"])
     rows = sorted((r for r in table.to_pylist() if r["keep"]), key=lambda r: r["key"])
     n = cfg.samples_per_shard
@@ -60,23 +58,19 @@ def _read_members(tar_path: str, wanted: set[str], ext: str) -> dict[str, bytes]
     """key -> image bytes for the wanted keys of one crawl tar (a truncated tar yields what it can)."""
     found: dict[str, bytes] = {}
     try:
-        with tarfile.open(tar_path, "r") as tf:
-            for m in tf:
-                stem, _, suffix = m.name.rpartition(".")
-                if suffix == ext and stem in wanted and m.isfile():
-                    found[stem] = tf.extractfile(m).read()
-    except (OSError, tarfile.TarError) as e:
+        for sample in iter_tar_samples(tar_path, read=lambda e: e == ext):
+            if sample.key in wanted and ext in sample.members:
+                found[sample.key] = sample.members[ext].data
+    except (OSError, tarfile.TarError, EOFError) as e:
         print(f"shard: warning: {tar_path}: {e}", file=sys.stderr)
     return found
 
 
 def write_shard(cfg_dict: dict, crawl_dir: str, idx: int, rows: list[dict]) -> dict:
     """Write one output shard (runs as a Ray task). Returns its manifest entry."""
-    import webdataset as wds
-
     cfg = ShardConfig(**cfg_dict)
     out = Path(cfg.output_dir)
-    name = f"shard-{idx:05d}"
+    name = shard_name(idx)
     tar_path, pq_path = out / f"{name}.tar", out / f"{name}.parquet"
     if pq_path.exists():  # done marker: reuse it if it matches the plan
         done = pq.ParquetFile(pq_path)
@@ -92,34 +86,21 @@ def write_shard(cfg_dict: dict, crawl_dir: str, idx: int, rows: list[dict]) -> d
     for src, keys in sorted(by_src.items()):
         images.update(_read_members(os.path.join(crawl_dir, src), keys, cfg.image_ext))
 
-    written = []
-    tmp_tar = out / f".{name}.tar.tmp"
-    with open(tmp_tar, "wb") as f:
-        sink = wds.TarWriter(f)
-        for r in rows:
-            img = images.get(r["key"])
-            if img is None:
-                continue
-            meta = {k: r[k] for k in ("key", "url", "caption", "width", "height", "sha256")}
-            sink.write({"__key__": r["key"], cfg.image_ext: img, "txt": r["caption"] or "",
-                        "json": json.dumps(meta).encode()})
-            written.append(meta)
-        sink.close()
-    os.replace(tmp_tar, tar_path)
+    written = [{k: r[k] for k in SAMPLE_SCHEMA.names} for r in rows if r["key"] in images]
+    write_tar(tar_path, ({"__key__": m["key"], cfg.image_ext: images[m["key"]], "txt": m["caption"] or "",
+                          "json": json.dumps(m).encode()} for m in written))
     missing = len(rows) - len(written)
-    tmp_pq = out / f".{name}.parquet.tmp"
-    table = pa.Table.from_pylist(written, schema=SCHEMA).replace_schema_metadata({"missing": str(missing)})
-    pq.write_table(table, tmp_pq)
-    os.replace(tmp_pq, pq_path)
+    table = pa.Table.from_pylist(written, schema=SAMPLE_SCHEMA).replace_schema_metadata({"missing": str(missing)})
+    atomic_write(pq_path, lambda tmp: pq.write_table(table, tmp))  # the completion marker, after the tar
     return {"tar": tar_path.name, "parquet": pq_path.name, "num_samples": len(written), "missing": missing,
             "skipped_existing": False}
 
 
 def run(cfg: ShardConfig) -> dict:
-    decisions = Path(cfg.filter_dir) / "decisions.parquet"
+    decisions = decisions_path(cfg.filter_dir)
     if not decisions.exists():
         raise FileNotFoundError(f"{decisions} does not exist: run the filter stage first")
-    crawl_dir = cfg.crawl_dir or read_json(Path(cfg.filter_dir) / "filter_manifest.json")["crawl_dir"]
+    crawl_dir = cfg.crawl_dir or read_filter_manifest(cfg.filter_dir)["crawl_dir"]
     shards = plan(cfg)
     if not shards:
         raise ValueError(f"no kept samples in {decisions}")
@@ -128,13 +109,10 @@ def run(cfg: ShardConfig) -> dict:
     ray = init_ray(cfg.ray_address)
     task = ray.remote(write_shard)
     entries = ray.get([task.remote(asdict(cfg), crawl_dir, i, rows) for i, rows in enumerate(shards)])
-    manifest = {"format": "clipforge.shards.v1", "num_samples": sum(e["num_samples"] for e in entries),
-                "missing": sum(e["missing"] for e in entries),
-                "shards": [{k: e[k] for k in ("tar", "parquet", "num_samples")} for e in entries],
-                "source": {"filter_dir": os.path.abspath(cfg.filter_dir), "crawl_dir": os.path.abspath(crawl_dir)},
-                "resumed_shards": sum(e["skipped_existing"] for e in entries)}
-    atomic_write_json(out / "manifest.json", manifest)
-    return manifest
+    return write_manifest(out, [{k: e[k] for k in ("tar", "parquet", "num_samples")} for e in entries],
+                          missing=sum(e["missing"] for e in entries),
+                          source={"filter_dir": os.path.abspath(cfg.filter_dir), "crawl_dir": os.path.abspath(crawl_dir)},
+                          resumed_shards=sum(e["skipped_existing"] for e in entries))
 
 
 def main(argv=None) -> int:

@@ -4,14 +4,15 @@ import hashlib
 import importlib.util
 import io
 import json
-import socket
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
+
+from trainer.clip.formats.shards import MANIFEST, write_shard_dir
+from trainer.clip.ports import free_port  # noqa: F401 (the tests' free_port)
 
 
 def loss_and_grads(model, images, tokens):
@@ -25,35 +26,24 @@ def loss_and_grads(model, images, tokens):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for MASTER_PORT of spawned gloo ranks, test servers, ...)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_shards(root, n_shards=2, per_shard=32, size=64, corrupt_keys=(), manifest=True):
     """Shards in the clipforge.shards.v1 format: {key}.jpg / .txt / .json per sample + manifest.json."""
-    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    shards, k = [], 0
-    for s in range(n_shards):
-        name = f"shard-{s:05d}.tar"
-        with wds.TarWriter(str(root / name)) as w:
-            for _ in range(per_shard):
-                key = f"{k:09d}"
-                buf = io.BytesIO()
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
-                jpg = b"\xff\xd8 definitely not a jpeg" if k in corrupt_keys else buf.getvalue()
-                caption = f"a photo of object number {k}"
-                meta = {"key": key, "url": f"http://example.com/{key}.jpg", "caption": caption,
-                        "width": size, "height": size, "sha256": hashlib.sha256(jpg).hexdigest()}
-                w.write({"__key__": key, "jpg": jpg, "txt": caption, "json": json.dumps(meta)})
-                k += 1
-        shards.append({"tar": name, "parquet": name.replace(".tar", ".parquet"), "num_samples": per_shard})
-    if manifest:
-        (root / "manifest.json").write_text(json.dumps(
-            {"format": "clipforge.shards.v1", "num_samples": k, "shards": shards}))
+
+    def sample(k):
+        key = f"{k:09d}"
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+        jpg = b"\xff\xd8 definitely not a jpeg" if k in corrupt_keys else buf.getvalue()
+        caption = f"a photo of object number {k}"
+        meta = {"key": key, "url": f"http://example.com/{key}.jpg", "caption": caption,
+                "width": size, "height": size, "sha256": hashlib.sha256(jpg).hexdigest()}
+        return {"__key__": key, "jpg": jpg, "txt": caption, "json": json.dumps(meta)}
+
+    write_shard_dir(root, ((sample(s * per_shard + i) for i in range(per_shard)) for s in range(n_shards)),
+                    durable=False)
+    if not manifest:
+        (root / MANIFEST).unlink()
     return root
 
 

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from helpers import load_bench
+from trainer.clip.formats.shards import read_manifest
 
 
 
@@ -50,7 +51,7 @@ def test_brace_pattern_and_steady_state(tmp_path):
     bench = _load()
     d = bench.build_shards(tmp_path / "s", n_shards=3, per_shard=2, px=16)
     assert bench.brace_pattern(d) == str(d / "shard-{00000..00002}.tar")
-    assert json.loads((d / "manifest.json").read_text())["num_samples"] == 6
+    assert read_manifest(d)["num_samples"] == 6
     times = {1: 10.0, 2: 11.0, 3: 11.5, 4: 12.0, 5: 12.5}
     s = bench.steady_state(times, steps=5, warmup=1, global_batch=8)
     assert s["samples_per_s_mean"] == pytest.approx(4 * 8 / 2.5) and s["step_s_median"] == pytest.approx(0.5)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import trainer.model
-from trainer import convert
-from trainer.checkpoint import (CheckpointError, export_hf, export_open_clip, export_safetensors, load_checkpoint,
+import trainer.clip.model
+from trainer.clip import convert
+from trainer.clip.checkpoint import (CheckpointError, export_hf, export_open_clip, export_safetensors, load_checkpoint,
                                 load_model, read_state_dict, save_model)
-from trainer.model import CLIP, get_config
-from trainer.tokenizer import tokenize
+from trainer.clip.model import CLIP, get_config
+from trainer.clip.tokenizer import tokenize
 
 open_clip = pytest.importorskip("open_clip")
 TOL = 1e-5
@@ -117,7 +117,7 @@ def test_open_clip_vit_b32_loads_with_inferred_config(tmp_path):
     _assert_same(model, oc, 224, 77)
 
 
-@pytest.mark.skipif("RN50" not in trainer.model.PRESETS, reason="trainer.model has no RN50 preset yet")
+@pytest.mark.skipif("RN50" not in trainer.clip.model.PRESETS, reason="trainer.clip.model has no RN50 preset yet")
 def test_open_clip_rn50_round_trip(tmp_path):
     torch.manual_seed(4)
     oc = open_clip.create_model("RN50-quickgelu").eval()
@@ -199,8 +199,8 @@ def test_export_hf_round_trip(tmp_path):
 # ----------------------------------------------------------------------------------------------- config, resize, safety
 @pytest.mark.parametrize("name", ["tiny", "small", "ViT-B-32", "ViT-L-14", "RN50", "RN101"])
 def test_infer_config_from_shapes(name):
-    if name not in trainer.model.PRESETS:
-        pytest.skip(f"trainer.model has no {name} preset yet")
+    if name not in trainer.clip.model.PRESETS:
+        pytest.skip(f"trainer.clip.model has no {name} preset yet")
     cfg = get_config(name)
     assert convert.infer_config(_meta_state(cfg), quick_gelu=cfg.quick_gelu) == cfg
 
@@ -221,7 +221,7 @@ def test_position_embedding_resize_and_context_truncation(tmp_path, caplog):
     save_model(model, tmp_path / "ck")
     cfg = get_config("tiny")
     cfg.vision.image_size, cfg.text.context_length = 96, 16
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="trainer.clip.checkpoint"):
         big = load_checkpoint(tmp_path / "ck", config=cfg)
     assert "interpolated 65 -> 145" in caplog.text and "truncated" in caplog.text
     pe = big.visual.positional_embedding

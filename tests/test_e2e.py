@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import demo
+from trainer.clip.formats.shards import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     kept = sum(r["keep"] for r in d)
     assert s["filter"]["kept"] == kept and s["filter"]["dropped"]["duplicate"] == web["kinds"]["duplicate"]
     # shard: the expected number of shards holding exactly the kept samples
-    m = json.loads((w / "shards" / "manifest.json").read_text())
+    m = read_manifest(w / "shards")
     assert m["num_samples"] == kept and len(m["shards"]) == -(-kept // cfg.shard_samples_per_shard)
     n_jpg = sum(sum(n.endswith(".jpg") for n in tarfile.open(w / "shards" / sh["tar"]).getnames())
                 for sh in m["shards"])

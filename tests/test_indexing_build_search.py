@@ -13,14 +13,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
 from indexing import build as ibuild
 from indexing import search as isearch
 from indexing.report import write_html
-from trainer.checkpoint import load_pretrained, save_model
-from trainer.model import CLIP, get_config
+from trainer.clip.checkpoint import load_pretrained, save_model
+from trainer.clip.formats.shards import read_manifest, write_manifest, write_shard_dir
+from trainer.clip.model import CLIP, get_config
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "pink", "brown"]
 THINGS = ["apple", "car", "dog", "house", "boat"]
@@ -39,30 +39,27 @@ def _jpeg(i: int, rng: np.random.Generator) -> bytes:
 
 def make_shards(root: Path) -> dict[str, bytes]:
     """Write SHARDS_DIR in the shard contract format; returns {key: jpg bytes} of the valid samples."""
-    root.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    originals, shards, n = {}, [], 0
-    for s in range(N_SHARDS):
-        tar = f"shard-{s:05d}.tar"
-        count = 0
-        with wds.TarWriter(str(root / tar)) as sink:
-            for j in range(N_PER_SHARD + (N_CORRUPT if s == 1 else 0)):
-                key = f"{n:09d}"
-                caption = f"a {COLORS[n % len(COLORS)]} {THINGS[n % len(THINGS)]} number {n}"
-                jpg = _jpeg(n, rng)
-                if s == 1 and j == 10:
-                    jpg = b"\xff\xd8\xff\xe0 definitely not a jpeg"
-                elif s == 1 and j == 20:
-                    jpg = jpg[: len(jpg) // 2]          # truncated
-                else:
-                    originals[key] = jpg
-                meta = {"key": key, "url": f"https://example.com/{key}.jpg", "caption": caption,
-                        "width": 56, "height": 48, "sha256": "0" * 64}
-                sink.write({"__key__": key, "jpg": jpg, "txt": caption, "json": meta})
-                n, count = n + 1, count + 1
-        shards.append({"tar": tar, "parquet": f"shard-{s:05d}.parquet", "num_samples": count})
-    manifest = {"format": "clipforge.shards.v1", "num_samples": n, "shards": shards}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    originals, n = {}, 0
+
+    def shard(s):
+        nonlocal n
+        for j in range(N_PER_SHARD + (N_CORRUPT if s == 1 else 0)):
+            key = f"{n:09d}"
+            caption = f"a {COLORS[n % len(COLORS)]} {THINGS[n % len(THINGS)]} number {n}"
+            jpg = _jpeg(n, rng)
+            if s == 1 and j == 10:
+                jpg = b"\xff\xd8\xff\xe0 definitely not a jpeg"
+            elif s == 1 and j == 20:
+                jpg = jpg[: len(jpg) // 2]          # truncated
+            else:
+                originals[key] = jpg
+            meta = {"key": key, "url": f"https://example.com/{key}.jpg", "caption": caption,
+                    "width": 56, "height": 48, "sha256": "0" * 64}
+            n += 1
+            yield {"__key__": key, "jpg": jpg, "txt": caption, "json": meta}
+
+    write_shard_dir(root, (shard(s) for s in range(N_SHARDS)), durable=False)
     return originals
 
 
@@ -227,9 +224,8 @@ def test_truncated_and_missing_tars_are_counted(env, tmp_path, capsys):
     shutil.copytree(env["shards"], shards)
     tar = shards / "shard-00001.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 100])
-    manifest = json.loads((shards / "manifest.json").read_text())
-    manifest["shards"].append({"tar": "shard-00002.tar", "parquet": "shard-00002.parquet", "num_samples": 7})
-    (shards / "manifest.json").write_text(json.dumps(manifest))
+    listed = read_manifest(shards)["shards"]
+    write_manifest(shards, listed + [{"tar": "shard-00002.tar", "parquet": "shard-00002.parquet", "num_samples": 7}])
     out = tmp_path / "index"
     assert ibuild.main(["--shards", str(shards), "--checkpoint", str(env["ckpt"]), "--out", str(out)]) == 0
     assert "truncated" in capsys.readouterr().err

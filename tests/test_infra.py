@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint import load_model
-from trainer.model import get_config
+from trainer.clip.checkpoint import load_model
+from trainer.clip.model import get_config
 
 from helpers import write_shards
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.model import CLIP, PRESETS, CLIPConfig, VisionConfig, get_config, load_config_file
+from trainer.clip.model import CLIP, PRESETS, CLIPConfig, VisionConfig, get_config, load_config_file
 from trainer.parallel import apply_activation_checkpointing
-from trainer.tokenizer import tokenize
+from trainer.clip.tokenizer import tokenize
 from helpers import loss_and_grads
 
 open_clip = pytest.importorskip("open_clip")

@@ -10,6 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cli, crawl, filter as filt, sampleweb, shard
+from trainer.clip.formats.crawl import CRAWL_MANIFEST
+from trainer.clip.formats.decisions import read_filter_manifest
+from trainer.clip.formats.shards import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def test_sample_web_rows_and_server(web):
 
 def test_crawl_records_every_row(web, crawled):
     out, cfg, summary = web
-    m = json.loads((crawled / crawl.MANIFEST).read_text())
+    m = json.loads((crawled / CRAWL_MANIFEST).read_text())
     assert m["complete"] and m["input_rows"] == summary["rows"]
     assert m["expected_shards"] == len(m["shards"]) == -(-summary["rows"] // 100)
     t = m["totals"]
@@ -74,7 +77,7 @@ def test_crawl_resumes_a_dropped_shard(web, crawled):
     before = {p.name: p.stat().st_mtime_ns for p in crawled.glob("0000[02].tar")}
     (crawled / "00001_stats.json").unlink()  # as if the shard died / was dropped by the Ray distributor
     assert crawl.main([str(out / "urls.parquet"), str(crawled), "--samples-per-shard", "100"]) == 0
-    m = json.loads((crawled / crawl.MANIFEST).read_text())
+    m = json.loads((crawled / CRAWL_MANIFEST).read_text())
     assert m["complete"] and m["attempts"] == 1 and (crawled / "00001_stats.json").exists()
     assert before == {p.name: p.stat().st_mtime_ns for p in crawled.glob("0000[02].tar")}  # others untouched
 
@@ -90,7 +93,7 @@ def test_crawl_never_drops_a_failed_shard_silently(web, tmp_path, monkeypatch, r
     monkeypatch.setattr(crawl, "_run_img2dataset", flaky)
     rc = crawl.main([str(out / "urls.parquet"), str(tmp_path), "--samples-per-shard", "100", "--max-shard-retry", "1"])
     assert rc == 1
-    m = json.loads((tmp_path / crawl.MANIFEST).read_text())
+    m = json.loads((tmp_path / CRAWL_MANIFEST).read_text())
     assert not m["complete"] and m["attempts"] == 2
     assert m["failed_shards"] == [{"id": 1, "rows": [100, 200]}]
     assert m["totals"]["rows_in_failed_shards"] == 100
@@ -123,7 +126,7 @@ def filtered(crawled, tmp_path_factory):
 def test_filter_decides_every_row_with_a_reason(web, crawled, filtered):
     _, cfg, summary = web
     d = pq.read_table(filtered / "decisions.parquet").to_pylist()
-    m = json.loads((filtered / "filter_manifest.json").read_text())
+    m = read_filter_manifest(filtered)
     assert len(d) == summary["rows"] == m["input_rows"]
     assert all(r["keep"] == (r["reason"] is None) for r in d)
     assert m["kept"] == sum(r["keep"] for r in d)
@@ -138,7 +141,7 @@ def test_filter_decides_every_row_with_a_reason(web, crawled, filtered):
 def test_shard_copies_kept_samples_and_resumes(crawled, filtered, tmp_path, ray_local):
     kept = {r["key"]: r for r in pq.read_table(filtered / "decisions.parquet").to_pylist() if r["keep"]}
     assert shard.main([str(filtered), str(tmp_path), "--samples-per-shard", "64"]) == 0
-    m = json.loads((tmp_path / "manifest.json").read_text())
+    m = read_manifest(tmp_path)
     assert m["format"] == "clipforge.shards.v1" and m["missing"] == 0
     assert m["num_samples"] == len(kept) == sum(s["num_samples"] for s in m["shards"])
     assert len(m["shards"]) == -(-len(kept) // 64)
@@ -164,7 +167,7 @@ def test_shard_copies_kept_samples_and_resumes(crawled, filtered, tmp_path, ray_
     mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*.tar")}
     (tmp_path / "shard-00001.parquet").unlink()
     assert shard.main([str(filtered), str(tmp_path), "--samples-per-shard", "64"]) == 0
-    m2 = json.loads((tmp_path / "manifest.json").read_text())
+    m2 = read_manifest(tmp_path)
     assert m2["resumed_shards"] == len(m["shards"]) - 1 and m2["shards"] == m["shards"]
     after = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*.tar")}
     assert {k for k in after if after[k] != mtimes[k]} == {"shard-00001.tar"}

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import crawl, sampleweb
+from trainer.clip.formats.crawl import CRAWL_MANIFEST
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_crawl_runs_as_a_ray_job(ray_cluster, tmp_path, free_port):
         server.shutdown()
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout + job.stderr
-    m = json.loads((out / crawl.MANIFEST).read_text())
+    m = json.loads((out / CRAWL_MANIFEST).read_text())
     assert m["complete"] and m["totals"]["rows"] == summary["rows"]
     assert m["totals"]["success"] == summary["rows"] - 4  # 404, not an image, truncated, opt-out
 
@@ -88,7 +89,7 @@ def test_train_job_sh_runs_ray_train_as_a_ray_job(ray_cluster, tmp_path):
     """infra/ray/train_job.sh against the cluster: `ray job submit -- python -m trainer.ray_launch` runs
     trainer.train on 2 Ray Train workers (CPU, gloo) inside the job; rank 0 writes the run dir."""
     from helpers import write_shards
-    from trainer.checkpoint import load_model
+    from trainer.clip.checkpoint import load_model
 
     api, env, bin_dir = ray_cluster
     shards = write_shards(tmp_path / "shards", n_shards=2, per_shard=8, size=32)

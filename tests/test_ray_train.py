@@ -113,7 +113,7 @@ def ray_tmpdir(monkeypatch):
 
 @pytest.mark.slow
 def test_ray_train_two_workers(ray_tmpdir, shards, tmp_path):
-    from trainer.checkpoint import load_model
+    from trainer.clip.checkpoint import load_model
 
     out = tmp_path / "run"
     rc = ray_launch.main(["--num-workers", "2", "--cpus-per-worker", "1", "--num-cpus", "2",

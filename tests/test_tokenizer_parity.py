@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.tokenizer import (
+from trainer.clip.tokenizer import (
     FastTokenizer,
     clean_chunks,
     clean_text,

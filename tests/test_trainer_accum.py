@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.loss import ClipLoss, FeatureCache, SigLipLoss, siglip_loss
-from trainer.model import CLIP, get_config
-from trainer.tokenizer import tokenize
+from trainer.clip.model import CLIP, get_config
+from trainer.clip.tokenizer import tokenize
 from trainer.train import TrainConfig, make_train_module, train_step
 from helpers import free_port
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers import loss_and_grads, write_shards
-from trainer.model import CLIP, get_config
+from trainer.clip.model import CLIP, get_config
 from trainer.parallel import apply_activation_checkpointing, compile_blocks
-from trainer.tokenizer import tokenize
+from trainer.clip.tokenizer import tokenize
 from trainer.train import main
 
 

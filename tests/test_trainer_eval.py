@@ -15,17 +15,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-import webdataset as wds
 from PIL import Image
 from torch import nn
 
 from pipeline.cli import main as cli_main
 from trainer import evaldata as ed
 from trainer import evaluate as ev
-from trainer.checkpoint import save_model
-from trainer.model import CLIP, get_config
-from trainer.tokenizer import tokenize
-from trainer.transform import MEAN, STD
+from trainer.clip.checkpoint import save_model
+from trainer.clip.formats.shards import MANIFEST, write_shard_dir
+from trainer.clip.model import CLIP, get_config
+from trainer.clip.tokenizer import tokenize
+from trainer.clip.transform import MEAN, STD
 from helpers import free_port, write_shards
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
@@ -46,30 +46,27 @@ def _image_bytes(rgb, size=32, fmt="PNG", noise_seed=None):
 def write_labelled_shards(root, items, per_shard=4, manifest=True):
     """items: dicts with rgb (None: a corrupt image), and optional caption, cls (int -> .cls member),
     label (-> "label" in the .json member), noise (seed: a random-noise image instead of a solid colour)."""
-    root.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for s in range(0, len(items), per_shard):
-        name = f"shard-{s // per_shard:05d}.tar"
-        with wds.TarWriter(str(root / name)) as w:
-            for k, it in enumerate(items[s: s + per_shard], start=s):
-                sample = {"__key__": f"{k:06d}"}
-                if it.get("rgb") is None and it.get("noise") is None:
-                    sample["png"] = b"\x89PNG\r\n\x1a\n not an image"
-                else:
-                    sample["png"] = _image_bytes(it.get("rgb"), noise_seed=it.get("noise"))
-                if "caption" in it:
-                    sample["txt"] = it["caption"]
-                if "cls" in it:
-                    sample["cls"] = str(it["cls"])
-                meta = {"key": f"{k:06d}"}
-                if "label" in it:
-                    meta["label"] = it["label"]
-                sample["json"] = json.dumps(meta)
-                w.write(sample)
-        shards.append({"tar": name, "num_samples": len(items[s: s + per_shard])})
-    if manifest:
-        (root / "manifest.json").write_text(json.dumps(
-            {"format": "clipforge.shards.v1", "num_samples": len(items), "shards": shards}))
+    def sample(k, it):
+        sample = {"__key__": f"{k:06d}"}
+        if it.get("rgb") is None and it.get("noise") is None:
+            sample["png"] = b"\x89PNG\r\n\x1a\n not an image"
+        else:
+            sample["png"] = _image_bytes(it.get("rgb"), noise_seed=it.get("noise"))
+        if "caption" in it:
+            sample["txt"] = it["caption"]
+        if "cls" in it:
+            sample["cls"] = str(it["cls"])
+        meta = {"key": f"{k:06d}"}
+        if "label" in it:
+            meta["label"] = it["label"]
+        sample["json"] = json.dumps(meta)
+        return sample
+
+    starts = range(0, len(items), per_shard)
+    write_shard_dir(root, ((sample(k, it) for k, it in enumerate(items[s: s + per_shard], start=s)) for s in starts),
+                    durable=False)
+    if not manifest:
+        (root / MANIFEST).unlink()
     return root
 
 
@@ -300,7 +297,7 @@ def test_retrieval_features_match_the_model_and_mode_is_restored(tmp_path):
     # the features evaluate() scores are the model's own embeddings of the preprocessed images and captions
     feats, ok = ev.embed_images(model, s.samples, "cpu", batch_size=3)
     assert ok.tolist() == [k != 3 for k in range(10)] and float(feats[3].abs().sum()) == 0.0
-    from trainer.transform import image_transform
+    from trainer.clip.transform import image_transform
     pre = image_transform(64)
     with torch.no_grad():
         model.eval()

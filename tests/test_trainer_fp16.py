@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import write_shards
-from trainer.checkpoint import load_model
+from trainer.clip.checkpoint import load_model
 from trainer.train import main
 
 STEPS, WARMUP, LR, POWER = 8, 4, 1e-3, 18
@@ -113,7 +113,7 @@ def test_fp16_step_updates_weights_like_fp32(tmp_path, cpu_fp16):
 
 def load_model_state_init() -> dict:
     """The tiny CLIP's initial weights as trainer.train builds them (torch.manual_seed(seed 0), then CLIP(...))."""
-    from trainer.model import CLIP, get_config
+    from trainer.clip.model import CLIP, get_config
 
     torch.manual_seed(0)
     return CLIP(get_config("tiny")).state_dict()

@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.loss import clip_loss
-from trainer.model import CLIP, get_config
-from trainer.tokenizer import tokenize
+from trainer.clip.model import CLIP, get_config
+from trainer.clip.tokenizer import tokenize
 from helpers import free_port
 
 N, WORLD = 8, 2

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import load_bench, loss_and_grads, write_shards
-from trainer.model import CLIP, LayerNorm, get_config
+from trainer.clip.model import CLIP, LayerNorm, get_config
 from trainer.parallel import apply_activation_checkpointing, offload_saved_tensors
-from trainer.tokenizer import tokenize
+from trainer.clip.tokenizer import tokenize
 from trainer.train import main
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.checkpoint import CheckpointError, load_model, load_pretrained, save_model
-from trainer.model import CLIP, CLIPConfig, PRESETS, get_config
+from trainer.clip.checkpoint import CheckpointError, load_model, load_pretrained, save_model
+from trainer.clip.model import CLIP, CLIPConfig, PRESETS, get_config
 from trainer.parallel import apply_activation_checkpointing
-from trainer.tokenizer import tokenize
-from trainer.transform import image_transform
+from trainer.clip.tokenizer import tokenize
+from trainer.clip.transform import image_transform
 from helpers import loss_and_grads
 
 

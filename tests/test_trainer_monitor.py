@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer import monitor as mon
-from trainer.model import CLIP, get_config
+from trainer.clip.model import CLIP, get_config
 from trainer.monitor import Monitor, flops_per_sample, make_monitor, peak_memory_bytes, peak_tflops
 
 

@@ -13,7 +13,7 @@ import torch
 
 from helpers import write_shards
 from trainer import resume
-from trainer.checkpoint import load_model
+from trainer.clip.checkpoint import load_model
 from trainer.train import main
 
 

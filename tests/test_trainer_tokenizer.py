@@ -1,6 +1,6 @@
 import torch
 
-from trainer.tokenizer import get_tokenizer, tokenize
+from trainer.clip.tokenizer import get_tokenizer, tokenize
 
 
 def test_known_ids():

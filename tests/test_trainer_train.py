@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from trainer.checkpoint import load_model
+from trainer.clip.checkpoint import load_model
 from trainer.data import DataError, read_shards, train_batches
 from trainer.engine import build_ds_config, param_groups
-from trainer.model import CLIP, get_config
+from trainer.clip.model import CLIP, get_config
 from trainer.train import TrainConfig, main
 
 from helpers import write_shards
@@ -149,7 +149,7 @@ def test_param_groups_keep_zero_flat_buffers_aligned():
     """ZeRO flattens each group in order: odd-sized tensors (logit_scale) must come last, else every later bias /
     LayerNorm view is misaligned and cuBLASLt falls back to slow kernels (0.5x samples/s measured on an H100)."""
     from trainer.engine import param_groups
-    from trainer.model import CLIP, get_config
+    from trainer.clip.model import CLIP, get_config
 
     groups = param_groups(CLIP(get_config("tiny")), weight_decay=0.2)
     for g in groups:

@@ -16,8 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 from trainer.engine import build_ds_config
-from trainer.model import CLIP, get_config
-from trainer.tokenizer import tokenize
+from trainer.clip.model import CLIP, get_config
+from trainer.clip.tokenizer import tokenize
 from trainer.train import TrainConfig, main, make_train_module, train_step
 from helpers import free_port
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.transform import TrainAugment, image_transform, random_resized_crop
+from trainer.clip.transform import TrainAugment, image_transform, random_resized_crop
 
 
 @pytest.mark.parametrize("size", [224, 336, 64])

@@ -26,10 +26,8 @@ counted; each batch carries the number skipped since the previous batch of its s
 from __future__ import annotations
 
 import io
-import json
 import logging
 import random
-import tarfile
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -38,11 +36,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from trainer.tokenizer import tokenize
-from trainer.transform import TrainAugment, image_transform
+from trainer.clip.formats.shards import IMAGE_EXTS, MANIFEST, ShardFormatError, count_tar_samples, image_ext, list_shards
+from trainer.clip.tokenizer import tokenize
+from trainer.clip.transform import TrainAugment, image_transform
 
 log = logging.getLogger("clipforge.trainer.data")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class DataError(ValueError):
@@ -58,54 +56,26 @@ class ShardSet:
     missing_tars: int = 0  # listed in the manifest but not on disk (left out, reported)
 
 
-def count_tar_samples(path: str | Path) -> int:
-    """Number of distinct sample keys with an image member (used when nothing else records the count)."""
-    keys = set()
-    with tarfile.open(path) as tf:
-        for member in tf:
-            key, _, ext = member.name.rpartition(".")
-            if member.isfile() and ext.lower() in IMAGE_EXTS:
-                keys.add(key)
-    return len(keys)
-
-
-def _img2dataset_count(tar: Path) -> int:
-    """Samples in one img2dataset shard: its {shard}_stats.json "successes" if present, else counted."""
-    stats = tar.with_name(f"{tar.stem}_stats.json")
-    try:
-        return int(json.loads(stats.read_text(encoding="utf-8"))["successes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return count_tar_samples(tar)
-
-
 def read_shards(shards_dir: str | Path, weight: float | None = None) -> ShardSet:
-    """Tars and sample count of one source: SHARDS_DIR/manifest.json (clipforge) or, without a manifest, every
-    *.tar with img2dataset's *_stats.json counts (or counted). Raises DataError."""
-    root = Path(shards_dir)
-    if not root.is_dir():
-        raise DataError(f"shard dir not found: {root}")
-    manifest, missing = root / "manifest.json", []
-    if manifest.is_file():
-        try:
-            m = json.loads(manifest.read_text(encoding="utf-8"))
-            counts = {str((root / s["tar"]).resolve()): int(s.get("num_samples", 1)) for s in m["shards"]}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise DataError(f"invalid manifest {manifest}: {e}") from e
-        missing = [t for t in counts if not Path(t).is_file()]
-        if missing:  # train on the rest; the loss is reported (and an empty remainder is an error below)
-            log.warning("%d of %d tars listed in %s are missing, e.g. %s", len(missing), len(counts), manifest,
-                        missing[:3])
-        tars = [t for t, n in counts.items() if n > 0 and t not in missing]
-        num_samples = sum(counts[t] for t in tars)
-    else:
-        counts = {str(p.resolve()): _img2dataset_count(p) for p in sorted(root.glob("*.tar"))}
-        tars = [t for t, n in counts.items() if n > 0]
-        num_samples = sum(counts.values())
+    """Tars and sample count of one source (any shard dir of trainer.clip.formats.shards: clipforge shards, whose
+    listed-but-missing tars are left out and reported, or img2dataset output, counted where no _stats.json says).
+    Raises DataError."""
+    try:
+        d = list_shards(shards_dir)
+    except ShardFormatError as e:
+        raise DataError(str(e)) from e
+    if d.missing:  # train on the rest; the loss is reported (and an empty remainder is an error below)
+        log.warning("%d of %d tars listed in %s are missing, e.g. %s", len(d.missing), len(d.shards),
+                    d.root / MANIFEST, [str(s.tar) for s in d.missing[:3]])
+    counts = [(str(s.tar), s.num_samples if s.num_samples is not None else count_tar_samples(s.tar))
+              for s in d.present]
+    tars = [t for t, n in counts if n > 0]
+    num_samples = sum(n for _, n in counts)
     if not tars or num_samples <= 0:
-        raise DataError(f"no samples in {root} ({len(tars)} tars, {num_samples} samples)")
+        raise DataError(f"no samples in {d.root} ({len(tars)} tars, {num_samples} samples)")
     if weight is not None and weight <= 0:
-        raise DataError(f"source weight must be > 0, got {weight} for {root}")
-    return ShardSet(tars, num_samples, str(root), weight, missing_tars=len(missing))
+        raise DataError(f"source weight must be > 0, got {weight} for {d.root}")
+    return ShardSet(tars, num_samples, str(d.root), weight, missing_tars=len(d.missing))
 
 
 def read_sources(dirs: list[str] | str, weights: list[float] | None = None) -> list[ShardSet]:
@@ -223,7 +193,9 @@ class _SlotStream:
                 yield self.buffer.pop()[1]
 
     def _decode(self, sample: dict):
-        ext = next(e for e in IMAGE_EXTS if e in sample)
+        ext = image_ext(sample)
+        if ext is None:
+            raise KeyError(f"no image member (one of {IMAGE_EXTS})")
         caption = sample["txt"].decode("utf-8")
         rng = random.Random(f"clipforge-aug-{self.seed}-{self.slot}-{self.emitted}")
         with Image.open(io.BytesIO(sample[ext])) as img:
@@ -260,7 +232,7 @@ class _SlotStream:
 
 
 class _TrainTransform:
-    """Picklable wrapper of trainer.transform's training transform: (PIL image, rng) -> [3, S, S]."""
+    """Picklable wrapper of trainer.clip.transform's training transform: (PIL image, rng) -> [3, S, S]."""
 
     def __init__(self, image_size: int, augment: TrainAugment):
         self.image_size, self.augment = image_size, augment

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.data import IMAGE_EXTS, DataError, read_shards
-from trainer.tokenizer import tokenize
-from trainer.transform import image_transform
+from trainer.clip.formats.shards import IMAGE_EXTS, image_ext, is_shard_dir, iter_tar_samples
+from trainer.data import DataError, read_shards
+from trainer.clip.tokenizer import tokenize
+from trainer.clip.transform import image_transform
 
 log = logging.getLogger("clipforge.trainer.evaldata")
 
@@ -96,41 +97,23 @@ class EvalData:
     zeroshot: EvalSet | None = None
 
 
-def _split_key(name: str) -> tuple[str, str] | None:
-    """WebDataset's rule: the key is the path up to the first dot of the file name, the extension the rest."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+SMALL_MEMBERS = ("txt", "cls", "json")  # read while scanning; images are read at evaluation time, by offset
 
 
 def _scan_tar(path: str, skipped: Counter) -> list[tuple[str, dict]]:
     """[(key, {"image": (offset, size), "txt"/"cls"/"json": bytes})] in tar order; broken tars are counted."""
-    groups: dict[str, dict] = {}
+    groups = []
     try:
-        with tarfile.open(path, "r:") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                split = _split_key(member.name)
-                if split is None:
-                    continue
-                key, ext = split
-                group = groups.setdefault(key, {})
-                if ext in IMAGE_EXTS:
-                    group.setdefault("image", (member.offset_data, member.size))
-                elif ext in ("txt", "cls", "json") and ext not in group:
-                    f = tf.extractfile(member)
-                    group[ext] = f.read() if f is not None else b""
+        for sample in iter_tar_samples(path, read=lambda ext: ext in SMALL_MEMBERS):
+            group = {ext: m.data for ext, m in sample.members.items() if ext in SMALL_MEMBERS}
+            ext = image_ext(sample.members)
+            if ext is not None:
+                group["image"] = (sample.members[ext].offset, sample.members[ext].size)
+            groups.append((sample.key, group))
     except (tarfile.TarError, OSError, EOFError) as e:
         skipped["unreadable_tar"] += 1
         log.warning("eval data: cannot read (the rest of) %s: %r", path, e)
-    return list(groups.items())
-
-
-def _is_shard_dir(root: Path) -> bool:
-    return (root / "manifest.json").is_file() or any(root.glob("*.tar"))
+    return groups
 
 
 def _shard_samples(root: Path, skipped: Counter) -> list[tuple[EvalSample, dict]]:
@@ -161,7 +144,7 @@ def _check_dir(path: str | Path, what: str) -> Path:
 def load_retrieval_set(path: str | Path) -> EvalSet:
     """(image, caption) pairs of a shard dir. Raises EvalDataError when there is none."""
     root = _check_dir(path, "retrieval")
-    if not _is_shard_dir(root):
+    if not is_shard_dir(root):
         raise EvalDataError(f"retrieval data {root} has neither manifest.json nor *.tar shards")
     skipped: Counter = Counter()
     samples = []
@@ -266,7 +249,7 @@ def load_labelled_set(path: str | Path, classes: str | Path | None = None) -> Ev
     root = _check_dir(path, "labelled eval data")
     classnames, templates = load_classes(classes) if classes is not None else (None, None)
     skipped: Counter = Counter()
-    if _is_shard_dir(root):
+    if is_shard_dir(root):
         kind, samples, raw = "shards", [], []
         for sample, group in _shard_samples(root, skipped):
             label = _parse_label(sample.key, group, sample.path)

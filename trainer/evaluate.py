@@ -58,11 +58,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.checkpoint import atomic_write_text
+from trainer.clip.formats.atomic import atomic_write_json
 from trainer.data import DataError
 from trainer.evaldata import (EvalCollate, EvalData, EvalDataError, EvalItems, EvalSample, EvalSet,
                               build_eval_data, load_labelled_set)
-from trainer.tokenizer import tokenize
+from trainer.clip.tokenizer import tokenize
 
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # linear-probe sweep over the inverse L2 strength
 RECALL_KS = (1, 5, 10)
@@ -407,13 +407,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=2))
-
-
 def run(args: argparse.Namespace) -> dict:
-    from trainer.checkpoint import load_pretrained
+    from trainer.clip.checkpoint import load_pretrained
 
     t0 = time.perf_counter()
     # every data set is scanned (and validated) before the model is loaded: bad input fails fast
@@ -450,12 +445,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as e:  # argparse already printed usage / the error (or -h)
         return e.code if isinstance(e.code, int) else 2
-    from trainer.checkpoint import CheckpointError
+    from trainer.clip.checkpoint import CheckpointError
 
     try:
         result = run(args)
         if args.out:
-            _write_json(Path(args.out), result)
+            atomic_write_json(args.out, result)
     except (DataError, CheckpointError, OSError) as e:  # OSError: e.g. --out not writable
         print(f"clipforge eval: error: {e}", file=sys.stderr)
         return 2

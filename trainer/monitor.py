@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.configs import CLIPConfig, get_config
+from trainer.clip.configs import CLIPConfig, get_config
+from trainer.clip.formats.atomic import atomic_write_text
 
 PEAK_ENV, PROGRESS_ENV = "CLIPFORGE_PEAK_TFLOPS", "CLIPFORGE_PROGRESS"
 
@@ -29,7 +30,7 @@ def _block_flops(tokens: int, width: int, mlp_ratio: float) -> float:
 
 
 def _resnet_flops(cfg: CLIPConfig) -> tuple[float, float]:
-    """(forward FLOPs of the ModifiedResNet tower, the part inside Bottleneck blocks); trainer/resnet.py's layout."""
+    """(forward FLOPs of the ModifiedResNet tower, the part inside Bottleneck blocks); trainer/clip/resnet.py's layout."""
     v, w = cfg.vision, cfg.vision.width
     r, h = v.image_size // 2, w // 2
     stem = 2 * r * r * 9 * (3 * h + h * h + h * w)  # three 3x3 convs at S/2 (the first one strided)
@@ -137,9 +138,7 @@ def _keep_rows_upto(path: Path, step: int) -> dict | None:
             kept.append(line)
             last = row
     if len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(k + "\n" for k in kept))
     return last
 
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from trainer.model import ResidualAttentionBlock, Transformer
-from trainer.resnet import Bottleneck
+from trainer.clip.model import ResidualAttentionBlock, Transformer
+from trainer.clip.resnet import Bottleneck
 
 CHECKPOINTED = (ResidualAttentionBlock, Bottleneck)
 POLICIES = ("full", "selective")

@@ -146,7 +146,7 @@ def _init_ray(args) -> bool:
     """Connect to / start Ray. Returns True if this call started it (then main shuts it down)."""
     import ray
 
-    from trainer.train import free_port
+    from trainer.clip.ports import free_port
 
     if ray.is_initialized():
         return False

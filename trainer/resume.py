@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint import atomic_write_text
+from trainer.clip.formats.atomic import atomic_write_text
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"

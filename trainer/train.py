@@ -22,7 +22,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,13 +34,15 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer import resume
-from trainer.checkpoint import atomic_write_text, export_open_clip, save_model
+from trainer.clip.checkpoint import export_open_clip, save_model
+from trainer.clip.formats.atomic import atomic_write_text
+from trainer.clip.ports import free_port
 from trainer.data import DataError, read_sources, train_batches
 from trainer.loss import LOSSES, SIGLIP_INIT_LOGIT_SCALE, ContrastiveLoss, FeatureCache, make_loss
-from trainer.model import CLIP, get_config
+from trainer.clip.model import CLIP, get_config
 from trainer.monitor import flops_per_sample, make_monitor
 from trainer.parallel import POLICIES, apply_activation_checkpointing, compile_blocks, frozen_batchnorm_stats
-from trainer.transform import TrainAugment
+from trainer.clip.transform import TrainAugment
 
 
 @dataclass
@@ -120,7 +121,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
                    help="draw shards with replacement instead of one shuffled round after another")
     p.add_argument("--out", required=True, help="run dir (checkpoint/, metrics.jsonl, summary.json, ...)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="base values; flags override")
-    p.add_argument("--model", help="model preset name (trainer.model.PRESETS)")
+    p.add_argument("--model", help="model preset name (trainer.clip.model.PRESETS)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=int)
     g.add_argument("--steps", type=int)
@@ -222,12 +223,6 @@ def validate(cfg: TrainConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ launch
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(cfg: TrainConfig, argv: list[str]) -> int:
     """Run this module on cfg.nproc local ranks via torch.distributed.run; returns its exit code."""
     threads = max(1, (os.cpu_count() or 1) // cfg.nproc)

@@ -2,7 +2,7 @@
 
 Text is cleaned (ftfy, HTML unescape, whitespace collapse, lower case), split by CLIP's pre-tokenizer regex,
 each piece is mapped byte-wise to printable unicode characters and merged with the BPE merge table
-(trainer/assets/bpe_simple_vocab_16e6.txt.gz). ids match open_clip's tokenizer (and OpenAI's, which differs
+(trainer/clip/assets/bpe_simple_vocab_16e6.txt.gz). ids match open_clip's tokenizer (and OpenAI's, which differs
 only in how a caption that literally contains a special-token string is treated, see below):
 <start_of_text> = 49406, <end_of_text> = 49407, 0 = padding.
 

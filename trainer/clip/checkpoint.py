@@ -1,5 +1,5 @@
 """Model checkpoints: DIR/model.safetensors (weights) + DIR/config.json (CLIPConfig), and compatibility with
-the checkpoints other tools write (OpenAI, open_clip, Hugging Face transformers; trainer.convert maps the keys).
+the checkpoints other tools write (OpenAI, open_clip, Hugging Face transformers; trainer.clip.convert maps the keys).
 
 The config (including quick_gelu) travels with the weights so a model is always rebuilt with the activation
 it was trained with. Safe by default: .pt/.pth/.bin files are read with torch.load(weights_only=True) only, so
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,10 +17,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer import convert
-from trainer.model import CLIP, CLIPConfig
-from trainer.tokenizer import tokenize
-from trainer.transform import image_transform
+from trainer.clip import convert
+from trainer.clip.formats.atomic import atomic_write, atomic_write_json
+from trainer.clip.model import CLIP, CLIPConfig
+from trainer.clip.tokenizer import tokenize
+from trainer.clip.transform import image_transform
 
 FORMAT = "clipforge.clip.v1"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -31,28 +30,11 @@ TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 # weights files looked for in a directory that is not a clipforge checkpoint (open_clip / HF layouts)
 DIR_WEIGHTS = (WEIGHTS, OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.bin", "pytorch_model.bin", "model.pt")
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-log = logging.getLogger("trainer.checkpoint")
+log = logging.getLogger("trainer.clip.checkpoint")
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or does not match its config."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temp file + os.replace (readers see the old or the new file, never half)."""
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_model(model: CLIP, out_dir: str | Path) -> Path:
@@ -62,14 +44,8 @@ def save_model(model: CLIP, out_dir: str | Path) -> Path:
     model = getattr(model, "module", model)  # unwrap DDP/DeepSpeed engines
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict())}  # a lone .safetensors self-describes
-    _atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    config = {"format": FORMAT, **model.config.to_dict()}
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-
-    _atomic_write(out_dir / CONFIG, write_json)
+    atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write_json(out_dir / CONFIG, {"format": FORMAT, **model.config.to_dict()})
     return out_dir
 
 
@@ -280,13 +256,13 @@ def export_open_clip(model: CLIP, path: str | Path) -> Path:
         cfg = {"model_cfg": convert.open_clip_model_config(model),
                "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpolation": "bicubic",
                                   "resize_mode": "shortest"}}
-        _atomic_write(path / OPEN_CLIP_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+        atomic_write_json(path / OPEN_CLIP_CONFIG, cfg)
         path = path / OPEN_CLIP_WEIGHTS
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     else:
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     return path
 
 
@@ -303,8 +279,8 @@ def export_hf(model: CLIP, out_dir: str | Path | None = None) -> dict[str, torch
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg = convert.clip_config_to_hf_config(model.config)
-        _atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-        _atomic_write(out_dir / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2)))
+        atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+        atomic_write_json(out_dir / CONFIG, cfg)
     return sd
 
 

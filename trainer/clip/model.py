@@ -1,12 +1,12 @@
 """CLIP: an image tower (ViT or the paper's ModifiedResNet) and a causal text transformer trained
 contrastively (Radford et al., 2021).
 
-One readable file, top to bottom (the ResNet tower lives in trainer/resnet.py). Shapes use B = batch,
+One readable file, top to bottom (the ResNet tower lives in trainer/clip/resnet.py). Shapes use B = batch,
 L = sequence length, D = width, E = embed_dim. Parameter names follow the OpenAI layout (visual.conv1,
 visual.transformer.resblocks.N.attn.in_proj_weight, visual.layer1.0.conv1, visual.attnpool.q_proj,
 token_embedding, ln_final, text_projection, logit_scale, ...) so OpenAI / open_clip checkpoints load unrenamed.
 This module is pure: no distributed, DeepSpeed or I/O imports (configs, presets and config files live in
-trainer/configs.py and are re-exported here). Activation checkpointing is applied from the outside
+trainer/clip/configs.py and are re-exported here). Activation checkpointing is applied from the outside
 (trainer.parallel.apply_activation_checkpointing) so the state_dict keys never change.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.configs import PRESETS, CLIPConfig, TextConfig, VisionConfig, get_config, load_config_file  # noqa: F401
-from trainer.resnet import ModifiedResNet
+from trainer.clip.configs import PRESETS, CLIPConfig, TextConfig, VisionConfig, get_config, load_config_file  # noqa: F401
+from trainer.clip.resnet import ModifiedResNet
 
 
 # ----------------------------------------------------------------------------------------------- blocks

@@ -7,7 +7,7 @@ visual.transformer.resblocks.N.attn.in_proj_weight, token_embedding, ln_final, t
   - "hf":       Hugging Face transformers CLIPModel (text_model.*, vision_model.*, separate q/k/v projections).
 When no config is given it is inferred from tensor shapes. Attention heads and the activation leave no trace in
 the weights: heads come from a matching preset (else width // 64, as in OpenAI's build_model); QuickGELU is the
-caller's decision (trainer.checkpoint resolves it and saves it with the model).
+caller's decision (trainer.clip.checkpoint resolves it and saves it with the model).
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import re
 import torch
 import torch.nn.functional as F
 
-from trainer.model import CLIP, PRESETS, CLIPConfig, TextConfig, VisionConfig
+from trainer.clip.model import CLIP, PRESETS, CLIPConfig, TextConfig, VisionConfig
 
-log = logging.getLogger("trainer.checkpoint")
+log = logging.getLogger("trainer.clip.checkpoint")
 
 # Entries that are not weights: OpenAI JIT scalars, open_clip's causal mask (persistent in old versions),
 # transformers' position-id buffers.
