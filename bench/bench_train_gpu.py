@@ -8,10 +8,11 @@ What one step is, per side (data loading is not measured: one random batch lives
 images [B,3,S,S] float32 in N(0,1) as both trainers' loaders deliver float32, tokens [B,ctx] int64 with random ids,
 an end-of-text token 49407 at a random position and zero padding after it):
 
-* clipforge: trainer.clip.model.CLIP + trainer.parallel.apply_activation_checkpointing, then trainer.engine
-  (build_ds_config from a trainer.train.TrainConfig with zero=2, precision=bf16, init_distributed, init_engine),
-  world size 1: engine(images, tokens) -> trainer.loss.clip_loss -> engine.backward -> engine.step, exactly the
-  trainer's loop (grad clipping 1.0, torch AdamW through DeepSpeed's "torch_adam", LR schedule stepping).
+* clipforge: the trainer's own engine and step: trainer.engine.build_engine(TrainConfig with zero=2, precision
+  bf16 and the side's checkpointing flags) builds the CLIP, applies activation checkpointing / compile, wraps the
+  loss module and starts DeepSpeed, world size 1; each step is trainer.step.train_step (forward + loss inside the
+  engine's module -> engine.backward -> engine.step: grad clipping 1.0, torch AdamW through DeepSpeed's
+  "torch_adam", LR schedule stepping), the code path `clipforge train` runs.
 * open_clip: open_clip.create_model(arch, pretrained=None) (a custom-config open_clip.model.CLIP for clipforge
   presets open_clip does not ship, e.g. "tiny"), fp32 weights, model.set_grad_checkpointing(True), forward + loss
   under torch.autocast(bf16), open_clip.loss.ClipLoss, backward, clip_grad_norm_(1.0), torch.optim.AdamW (same
@@ -127,7 +128,8 @@ def distributed_env(device: str, needed: bool):
         yield
         return
     from trainer import engine as ds
-    from trainer.train import TrainConfig, single_process_env
+    from trainer.config import TrainConfig
+    from trainer.launch import single_process_env
 
     with single_process_env():
         try:

@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from trainer.clip.model import CLIP, get_config  # noqa: E402
+from trainer.clip.model import get_config  # noqa: E402
 from trainer.monitor import flops_per_sample as analytic_flops  # noqa: E402
 
 EOT = 49407
@@ -97,34 +97,29 @@ class ClipforgeSide(_Side):
         self.recomputes_matmuls = policy == "full"
         self.engine = None
 
+    def config(self, batch: int):
+        """The trainer's config for this side: the flags `clipforge train` would get."""
+        from trainer.config import TrainConfig
+
+        return TrainConfig.from_flags(model=self.arch, batch_size=batch, zero=2, precision=self.precision,
+                                      grad_checkpointing=True, offload_activations=self.offload,
+                                      checkpoint_chunks=self.chunks, checkpoint_policy=self.policy,
+                                      checkpoint_group=self.group, compile=self.compile, steps=10**6, warmup=10)
+
     def build(self, batch: int) -> None:
-        from trainer import engine as ds
-        from trainer.parallel import apply_activation_checkpointing
-        from trainer.train import TrainConfig
+        """The engine exactly as the trainer builds it (trainer.engine.build_engine: model, checkpointing, compile
+        (it compiles on the first steps: the bench's warm-up), the loss module, DeepSpeed)."""
+        from trainer.engine import build_engine
 
-        cfg = TrainConfig(model=self.arch, batch_size=batch, zero=2, precision=self.precision,
-                          grad_checkpointing=True, steps=10**6, warmup=10)
-        ds_config = ds.build_ds_config(cfg, 1)
-        if not self.ds_timer_sync:
-            ds_config["timers"] = {"throughput": {"enabled": False, "synchronized": False}}
-        torch.manual_seed(0)
-        model = CLIP(get_config(self.arch))
-        apply_activation_checkpointing(model, offload=self.offload, chunks=self.chunks, policy=self.policy,
-                                       group=self.group)
-        if self.compile:  # the trainer's --compile (compiles on the first steps: the bench's warm-up)
-            from trainer.parallel import compile_blocks
-
-            compile_blocks(model)
-        self.engine, self.scheduler = ds.init_engine(model, cfg, ds_config, total_steps=10**6)
+        timers = {"timers": {"throughput": {"enabled": False, "synchronized": False}}} if not self.ds_timer_sync else {}
+        self.engine, self.scheduler, _ = build_engine(self.config(batch), 1, total_steps=10**6, ds_overrides=timers)
 
     def step(self, images, tokens):
-        from trainer.loss import clip_loss
+        """One optimizer step through the trainer's own train_step (the loss computed inside its TrainModule)."""
+        from trainer.step import train_step
 
-        image_features, text_features, logit_scale = self.engine(images, tokens)
-        loss = clip_loss(image_features, text_features, logit_scale)
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.detach()
+        loss, _ = train_step(self.engine, [(images, tokens)])
+        return loss
 
     def free(self) -> None:
         if self.engine is not None and hasattr(self.engine, "destroy"):
@@ -158,9 +153,9 @@ class OpenClipSide(_Side):
 
     def build(self, batch: int) -> None:
         from open_clip.loss import ClipLoss
-        from trainer.train import TrainConfig
+        from trainer.config import OptimConfig
 
-        cfg = TrainConfig()  # same optimizer hyper-parameters as the clipforge side
+        cfg = OptimConfig()  # same optimizer hyper-parameters as the clipforge side
         torch.manual_seed(0)
         model = self.build_model(self.arch).to(self.device)
         model.set_grad_checkpointing(True)

@@ -13,7 +13,6 @@ atomically, index.json last (the commit marker); a rebuild replaces all three. C
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -31,6 +30,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from trainer.clip.flags import CLI, opt, require, run_main
 from trainer.clip.formats.index import INDEX_FORMAT, METADATA_SCHEMA, write_index_dir
 from trainer.clip.formats.shards import ShardFormatError, TarSample, iter_tar_samples, list_shards
 
@@ -38,18 +38,26 @@ from trainer.clip.formats.shards import ShardFormatError, TarSample, iter_tar_sa
 
 @dataclass
 class IndexConfig:
-    shards: str = ""                 # SHARDS_DIR (manifest.json + shard-*.tar)
-    checkpoint: str = ""             # CKPT_DIR from save_model, or an OpenAI/open_clip/HF checkpoint (load_pretrained)
-    out: str = ""                    # INDEX_DIR
-    batch_size: int = 64             # images per forward pass
-    factory: str = "auto"            # "auto" or any faiss index_factory string ("Flat", "IVF256,Flat", "HNSW32", ...)
-    device: str = "cpu"              # torch device for the image tower
-    workers: int = 2                 # decode/preprocess threads (PIL releases the GIL while decoding)
-    flat_below: int = 50_000         # auto: exact IndexFlatIP below this many vectors
-    train_per_list: int = 64         # IVF training sample = min(N, train_per_list * K) random vectors
-    target_recall: float = 0.95      # tune nprobe / efSearch until text-query recall@10 vs exact reaches this
-    tune_queries: int = 256          # number of captions used as tuning queries
-    seed: int = 0
+    """What is indexed, with which model, and the FAISS index built."""
+    shards: str = opt("", required=True, help="SHARDS_DIR (manifest.json + shard tars, or plain *.tar)")
+    checkpoint: str = opt("", required=True, help="CKPT_DIR (model.safetensors + config.json) or an OpenAI / "
+                                                  "open_clip / HF checkpoint")
+    out: str = opt("", required=True, help="INDEX_DIR to write")
+    batch_size: int = opt(64, help="images per forward pass")
+    factory: str = opt("auto", help='"auto" or any faiss index_factory string ("Flat", "IVF256,Flat", "HNSW32", ...)')
+    device: str = opt("cpu", help="torch device of the image tower")
+    workers: int = opt(2, help="decode / preprocess threads (PIL releases the GIL while decoding)")
+    flat_below: int = opt(50_000, help="auto: an exact IndexFlatIP below this many vectors, else IVF")
+    train_per_list: int = opt(64, help="IVF training sample = min(N, train-per-list * K) random vectors")
+    target_recall: float = opt(0.95, help="tune nprobe / efSearch until text-query recall@10 vs exact reaches this")
+    tune_queries: int = opt(256, help="captions used as tuning queries")
+    seed: int = opt(0, help="the seed of the tuning-query and IVF-training samples")
+
+    def __post_init__(self):
+        for name in ("batch_size", "train_per_list"):
+            require(self, name, getattr(self, name) >= 1, "must be >= 1")
+        require(self, "workers", self.workers >= 0, "must be >= 0")
+        require(self, "target_recall", 0 < self.target_recall <= 1, "must be in (0, 1]")
 
     @classmethod
     def tiny(cls, **kw) -> "IndexConfig":
@@ -78,6 +86,8 @@ class Sample:
 def list_tars(shards_dir: Path) -> list[tuple[str, int | None]]:
     """(tar path relative to shards_dir, expected sample count or None) of every shard (see
     trainer.clip.formats.shards), missing tars included: their samples are counted as skipped."""
+    if not shards_dir.is_dir():
+        raise BuildError(f"shards dir not found: {shards_dir} (--shards)")
     try:
         d = list_shards(shards_dir)
     except ShardFormatError as e:
@@ -317,31 +327,17 @@ def build(cfg: IndexConfig) -> dict:
     return info
 
 
-def parse_args(argv: list[str] | None) -> IndexConfig:
-    d = IndexConfig()
-    p = argparse.ArgumentParser(prog="python -m indexing.build", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", required=True, help="SHARDS_DIR with manifest.json and shard tars")
-    p.add_argument("--checkpoint", required=True, help="CKPT_DIR (model.safetensors + config.json) or an OpenAI / open_clip / HF checkpoint")
-    p.add_argument("--out", required=True, help="INDEX_DIR to write")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--factory", default=d.factory, help='"auto" or a faiss index_factory string')
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--workers", type=int, default=d.workers, help="decode threads")
-    p.add_argument("--target-recall", type=float, default=d.target_recall)
-    p.add_argument("--seed", type=int, default=d.seed)
-    return IndexConfig(**vars(p.parse_args(argv)))  # every flag's dest is an IndexConfig field
+def report(info: dict, out: str) -> int:
+    print(f"indexed {info['num_vectors']} images (skipped {info['skipped']}) with {info['factory']} "
+          f"{info['search_params']} recall@10={info['tuned_recall_at_10']} in {info['build_seconds']}s -> {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    try:
-        info = build(cfg)
-    except (BuildError, OSError) as e:  # OSError: e.g. --out is a file or not writable
-        print(f"indexing.build: error: {e}", file=sys.stderr)
-        return 2
-    print(f"indexed {info['num_vectors']} images (skipped {info['skipped']}) with {info['factory']} "
-          f"{info['search_params']} recall@10={info['tuned_recall_at_10']} in {info['build_seconds']}s -> {cfg.out}")
-    return 0
+    cli = CLI(IndexConfig, prog="python -m indexing.build", description=__doc__.split("\n\n")[0],
+              presets={"default": IndexConfig, "tiny": IndexConfig.tiny})
+    # OSError: e.g. --out is a file or not writable
+    return run_main(cli, argv, lambda cfg: report(build(cfg), cfg.out), (BuildError, OSError), prefix="indexing.build")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,15 @@
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from trainer.clip.flags import CLI, opt, run_main
 from trainer.clip.formats.atomic import atomic_write_text
 
 THUMB = 224  # longest side of an inlined thumbnail, pixels
@@ -101,22 +101,27 @@ def write_html(searcher, queries: list[str], k: int, out_path: str | Path) -> Pa
     return atomic_write_text(out_path, render_html(searcher, queries, k))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m indexing.report", description="HTML page of search results.")
-    p.add_argument("queries", nargs="+")
-    p.add_argument("--index", required=True)
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--out", default="search.html")
-    a = p.parse_args(argv)
-    from indexing.search import SearchError, Searcher
+@dataclass
+class ReportConfig:
+    """An HTML page of search results."""
+    queries: list[str] = opt(default_factory=list, positional=True, help="one or more text queries")
+    index: str = opt("", required=True, help="INDEX_DIR written by indexing.build")
+    k: int = opt(8, help="results per query")
+    out: str = opt("search.html", help="the page to write")
 
-    try:
-        searcher = Searcher(a.index)
-    except (SearchError, OSError) as e:
-        print(f"indexing.report: error: {e}", file=sys.stderr)
-        return 2
-    print(write_html(searcher, a.queries, a.k, a.out))
+
+def run(cfg: ReportConfig) -> int:
+    from indexing.search import Searcher
+
+    print(write_html(Searcher(cfg.index), cfg.queries, cfg.k, cfg.out))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from indexing.search import SearchError
+
+    cli = CLI(ReportConfig, prog="python -m indexing.report", description="HTML page of search results.")
+    return run_main(cli, argv, run, (SearchError, OSError), prefix="indexing.report")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ pyarrow, and the search parameters (nprobe / efSearch) tuned at build time are a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexing.build import encode_texts
+from trainer.clip.flags import CLI, opt, require, run_main
 from trainer.clip.formats.index import INDEX_FILE, META_FILE, IndexFormatError, read_index_info
 
 
@@ -145,31 +145,35 @@ def format_hits(query: str, hits: list[Hit], where=lambda h: h.image) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m indexing.search", description="Text-to-image search.")
-    p.add_argument("queries", nargs="+", help="one or more text queries")
-    p.add_argument("--index", default=os.path.join("demo", "index"),
-                   help="INDEX_DIR written by indexing.build (default: demo/index, the one `make demo` builds)")
-    p.add_argument("--k", type=int, default=5, help="results per query")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--nprobe", type=int, default=None, help="override the tuned nprobe (IVF indexes)")
-    a = p.parse_args(argv)
-    if a.k < 1:
-        print("indexing.search: error: --k must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        searcher = Searcher(a.index, device=a.device, search_params={"nprobe": a.nprobe} if a.nprobe else None)
-    except (SearchError, FileNotFoundError, OSError) as e:
-        print(f"indexing.search: error: {e}", file=sys.stderr)
-        return 2
-    results = searcher.search(a.queries, k=a.k)
-    if a.json:
-        print(json.dumps([{"query": q, "hits": [asdict(h) for h in hits]} for q, hits in zip(a.queries, results)],
+@dataclass
+class SearchConfig:
+    """Queries against one index dir."""
+    queries: list[str] = opt(default_factory=list, positional=True, help="one or more text queries")
+    index: str = opt(os.path.join("demo", "index"), help="INDEX_DIR written by indexing.build (default: the one "
+                                                          "`make demo` builds)")
+    k: int = opt(5, help="results per query")
+    json: bool = opt(False, help="print a JSON list instead of text")
+    device: str = opt("cpu", help="torch device of the text tower")
+    nprobe: int | None = opt(None, help="override the tuned nprobe (IVF indexes)")
+
+    def __post_init__(self):
+        require(self, "k", self.k >= 1, "must be >= 1")
+
+
+def run(cfg: SearchConfig) -> int:
+    searcher = Searcher(cfg.index, device=cfg.device, search_params={"nprobe": cfg.nprobe} if cfg.nprobe else None)
+    results = searcher.search(cfg.queries, k=cfg.k)
+    if cfg.json:
+        print(json.dumps([{"query": q, "hits": [asdict(h) for h in hits]} for q, hits in zip(cfg.queries, results)],
                          ensure_ascii=False, indent=2))
     else:
-        print("\n\n".join(format_hits(q, hits, searcher.image_path) for q, hits in zip(a.queries, results)))
+        print("\n\n".join(format_hits(q, hits, searcher.image_path) for q, hits in zip(cfg.queries, results)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = CLI(SearchConfig, prog="python -m indexing.search", description="Text-to-image search.")
+    return run_main(cli, argv, run, (SearchError, FileNotFoundError, OSError), prefix="indexing.search")
 
 
 if __name__ == "__main__":

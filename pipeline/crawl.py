@@ -21,17 +21,17 @@ Run locally (`python -m pipeline.crawl URLS OUT`, in-process Ray on 127.0.0.1) o
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) must not phone home
 
 from pipeline.common import init_ray  # noqa: E402
+from trainer.clip.flags import CLI, opt, run_main  # noqa: E402
 from trainer.clip.formats.atomic import atomic_write_json, read_json  # noqa: E402
 from trainer.clip.formats.crawl import CRAWL_FORMAT, CRAWL_MANIFEST, complete_shards  # noqa: E402
 
@@ -39,23 +39,27 @@ from trainer.clip.formats.crawl import CRAWL_FORMAT, CRAWL_MANIFEST, complete_sh
 
 @dataclass
 class CrawlConfig:
-    url_list: str = ""
-    output_dir: str = ""
-    input_format: str = ""  # "" = from the file extension: parquet, csv, tsv, json(l)
-    url_col: str = "url"
-    caption_col: str = "caption"
-    samples_per_shard: int = 10_000
-    thread_count: int = 64  # per shard task; img2dataset's default is 256
-    timeout: int = 10
-    retries: int = 0  # per-sample download retries (img2dataset)
-    image_size: int = 256
-    resize_mode: str = "keep_ratio"  # keep the aspect ratio; the trainer centre-crops
-    resize_only_if_bigger: bool = True
-    encode_format: str = "jpg"
-    max_shard_retry: int = 2  # extra passes over shards img2dataset dropped
-    save_additional_columns: list[str] = field(default_factory=list)
-    respect_opt_out: bool = True  # X-Robots-Tag noai / noimageai / noindex / noimageindex
-    ray_address: str | None = None
+    """A crawl: the URL list, img2dataset's download settings, and the retry and cluster settings."""
+    url_list: str = opt("", positional=True, help="Parquet / CSV / TSV / JSONL file with url + caption columns")
+    output_dir: str = opt("", positional=True, help="CRAWL_DIR to write (img2dataset's webdataset layout)")
+    input_format: str = opt("", help="parquet, csv, tsv, json or txt (default: from the file extension)")
+    url_col: str = opt("url", help="the URL column")
+    caption_col: str = opt("caption", help="the caption column")
+    samples_per_shard: int = opt(10_000, help="input rows per crawl shard")
+    thread_count: int = opt(64, help="download threads per shard task (img2dataset's default is 256)")
+    timeout: int = opt(10, help="seconds per socket operation of a download")
+    retries: int = opt(0, help="download retries per sample")
+    image_size: int = opt(256, help="resize target side in pixels")
+    resize_mode: str = opt("keep_ratio", choices=("no", "keep_ratio", "center_crop", "border"),
+                           help="img2dataset's resize mode (keep_ratio: the trainer centre-crops)")
+    resize_only_if_bigger: bool = opt(True, help="never upscale")
+    encode_format: str = opt("jpg", help="image format written to the tars")
+    max_shard_retry: int = opt(2, help="extra passes over the shards img2dataset dropped")
+    save_additional_columns: list[str] = opt(default_factory=list, nargs="*",
+                                             help="input columns copied to every sample's json and parquet row")
+    ignore_opt_out: bool = opt(False, help="do not honour X-Robots-Tag noai / noimageai / noindex / noimageindex")
+    ray_address: str | None = opt(None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local "
+                                             "in-process Ray)")
 
     @classmethod
     def tiny(cls, url_list: str, output_dir: str) -> "CrawlConfig":
@@ -101,7 +105,7 @@ def _run_img2dataset(cfg: CrawlConfig) -> None:
         resize_only_if_bigger=cfg.resize_only_if_bigger, encode_format=cfg.encode_format,
         save_additional_columns=cfg.save_additional_columns or None, compute_hash="sha256",
         incremental_mode="incremental", enable_wandb=False,
-        disallowed_header_directives=None if cfg.respect_opt_out else [],
+        disallowed_header_directives=[] if cfg.ignore_opt_out else None,
     )
 
 
@@ -158,38 +162,12 @@ def run(cfg: CrawlConfig) -> dict:
     return manifest
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="clipforge crawl", description=__doc__.split("\n")[0])
-    p.add_argument("url_list", help="parquet/csv/tsv/jsonl with url + caption columns")
-    p.add_argument("output_dir")
-    d = CrawlConfig()
-    p.add_argument("--url-col", default=d.url_col)
-    p.add_argument("--caption-col", default=d.caption_col)
-    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
-    p.add_argument("--thread-count", type=int, default=d.thread_count)
-    p.add_argument("--timeout", type=int, default=d.timeout)
-    p.add_argument("--retries", type=int, default=d.retries)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--resize-mode", default=d.resize_mode, choices=["no", "keep_ratio", "center_crop", "border"])
-    p.add_argument("--max-shard-retry", type=int, default=d.max_shard_retry)
-    p.add_argument("--save-additional-columns", nargs="*", default=[])
-    p.add_argument("--ignore-opt-out", action="store_true", help="do not honour X-Robots-Tag noai/noindex headers")
-    p.add_argument("--ray-address", default=None, help="default: $RAY_ADDRESS, else a local in-process Ray")
-    a = p.parse_args(argv)
-    cfg = CrawlConfig(url_list=a.url_list, output_dir=a.output_dir, url_col=a.url_col, caption_col=a.caption_col,
-                      samples_per_shard=a.samples_per_shard, thread_count=a.thread_count, timeout=a.timeout,
-                      retries=a.retries, image_size=a.image_size, resize_mode=a.resize_mode,
-                      max_shard_retry=a.max_shard_retry, save_additional_columns=a.save_additional_columns,
-                      respect_opt_out=not a.ignore_opt_out, ray_address=a.ray_address)
-    try:
-        m = run(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"crawl: error: {e}", file=sys.stderr)
-        return 2
+def report(m: dict, output_dir: str) -> int:
+    """Print the crawl's outcome. -> 1 if shards still failed after the retries, else 0."""
     t = m["totals"]
     print(f"crawl: {t['success']}/{m['input_rows']} images in {len(m['shards'])} shards "
           f"({t['failed_to_download']} failed to download, {t['failed_to_resize']} failed to decode/resize) "
-          f"-> {cfg.output_dir}/{CRAWL_MANIFEST}", flush=True)
+          f"-> {output_dir}/{CRAWL_MANIFEST}", flush=True)
     for msg, c in sorted(m["errors"].items(), key=lambda kv: -kv[1])[:10]:
         print(f"crawl:   {c:6d}  {msg}")
     if m["failed_shards"]:
@@ -197,6 +175,12 @@ def main(argv=None) -> int:
               f"({t['rows_in_failed_shards']} rows); rerun the same command to retry them", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    cli = CLI(CrawlConfig, prog="clipforge crawl", description=__doc__.split("\n")[0])
+    return run_main(cli, argv, lambda cfg: report(run(cfg), cfg.output_dir), (FileNotFoundError, ValueError),
+                    prefix="crawl")
 
 
 if __name__ == "__main__":

@@ -10,16 +10,18 @@ stage wrote on disk. Outputs go under WORKDIR (default ./demo):
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.common import init_ray
-from trainer.clip.formats.atomic import atomic_write_json
+from trainer.clip.flags import CLI, opt, run_main
+from trainer.clip.formats.atomic import atomic_write_json, read_json
 from trainer.clip.formats.crawl import CRAWL_MANIFEST
+from trainer.clip.formats.decisions import read_filter_manifest
+from trainer.clip.formats.index import read_index_info
+from trainer.clip.formats.shards import read_manifest
 from trainer.clip.ports import free_port
 
 QUERIES = ["a red apple", "a rocket", "a dog face"]
@@ -27,26 +29,28 @@ QUERIES = ["a red apple", "a rocket", "a dog face"]
 
 @dataclass
 class DemoConfig:
-    workdir: str = "demo"
-    max_emoji: int = 1200
-    variants: int = 2
-    crawl_samples_per_shard: int = 1000
-    shard_samples_per_shard: int = 512
-    model: str = "tiny"
-    epochs: int = 30  # ~8.5 min on 2 CPU cores; text->image R@5 over the training captions ~0.8 (chance 0.002)
-    steps: int = 0  # >0 overrides epochs
-    batch_size: int = 64  # per rank
-    lr: float = 2e-3
-    warmup: int = 50  # optimizer steps
-    log_every: int = 20
-    shuffle_buffer: int = 1000
-    nproc: int = 2
-    queries: list[str] = field(default_factory=lambda: list(QUERIES))
-    k: int = 5
+    """The demo's sizes (the default: ~8.5 min on 2 CPU cores; text->image R@5 over the training captions ~0.8)."""
+    workdir: str = opt("demo", help="where every stage writes (web/ crawl/ filter/ shards/ run/ index/)")
+    max_emoji: int = opt(1200, help="distinct emoji rendered into the sample web")
+    variants: int = opt(2, help="images per emoji")
+    crawl_samples_per_shard: int = opt(1000, help="input rows per crawl shard")
+    shard_samples_per_shard: int = opt(512, help="samples per training shard")
+    model: str = opt("tiny", help="the model preset trained")
+    epochs: int = opt(30, help="training epochs (when --steps is 0)")
+    steps: int = opt(0, help="training steps (> 0 overrides --epochs)")
+    batch_size: int = opt(64, help="per-rank training batch")
+    lr: float = opt(2e-3, help="peak learning rate")
+    warmup: int = opt(50, help="warmup steps")
+    log_every: int = opt(20, help="steps between training log lines")
+    shuffle_buffer: int = opt(1000, help="training shuffle buffer")
+    nproc: int = opt(2, help="training ranks (gloo on CPU)")
+    queries: list[str] = opt(default_factory=lambda: list(QUERIES), flag="--query", action="append",
+                             help="a search query, repeatable (default: " + ", ".join(QUERIES) + ")")
+    k: int = opt(5, help="results per query")
 
     @classmethod
-    def tiny(cls, workdir: str) -> "DemoConfig":
-        """The small end-to-end run used by the test suite."""
+    def tiny(cls, workdir: str = "demo") -> "DemoConfig":
+        """The small end-to-end run used by the test suite (about a minute)."""
         return cls(workdir=workdir, max_emoji=120, variants=2, crawl_samples_per_shard=100,
                    shard_samples_per_shard=64, epochs=0, steps=6, batch_size=16, warmup=2, log_every=2, shuffle_buffer=64)
 
@@ -60,23 +64,15 @@ def _stage(name: str, fn, timings: dict):
         raise SystemExit(f"demo: stage {name!r} failed with exit code {rc}")
 
 
-def run(cfg: DemoConfig) -> dict:
-    from indexing import build as index_build
-    from indexing.report import write_html
-    from indexing.search import Searcher
+def _data_stages(cfg: DemoConfig, d: dict, timings: dict) -> None:
+    """sample web -> served on 127.0.0.1 -> crawl -> filter -> shard, each through its CLI's main(argv)."""
     from pipeline import crawl, filter as filt, sampleweb, shard
-    from trainer import train
-
-    w = Path(cfg.workdir).resolve()
-    d = {k: w / k for k in ("web", "crawl", "filter", "shards", "run", "index")}
-    timings: dict[str, float] = {}
-    t_start = time.time()
 
     port = free_port()
     web_cfg = sampleweb.SampleWebConfig(max_emoji=cfg.max_emoji, variants=cfg.variants, port=port)
     _stage("sample web", lambda: sampleweb.build(d["web"], web_cfg) and 0, timings)
     server = sampleweb.serve(d["web"], port)
-    init_ray()  # one in-process Ray on 127.0.0.1 for the pipeline stages
+    ray = init_ray()  # one in-process Ray on 127.0.0.1 for the pipeline stages
     try:
         _stage("crawl", lambda: crawl.main([str(d["web"] / "urls.parquet"), str(d["crawl"]), "--samples-per-shard",
                                             str(cfg.crawl_samples_per_shard), "--image-size", "128",
@@ -86,9 +82,13 @@ def run(cfg: DemoConfig) -> dict:
     _stage("filter", lambda: filt.main([str(d["crawl"]), str(d["filter"])]), timings)
     _stage("shard", lambda: shard.main([str(d["filter"]), str(d["shards"]), "--samples-per-shard",
                                         str(cfg.shard_samples_per_shard)]), timings)
-    import ray
-
     ray.shutdown()  # give the cores to the trainer
+
+
+def _model_stages(cfg: DemoConfig, d: dict, timings: dict) -> None:
+    """train (DeepSpeed ZeRO-2 on nproc gloo ranks) -> index, each through its CLI's main(argv)."""
+    from indexing import build as index_build
+    from trainer import train
 
     length = ["--steps", str(cfg.steps)] if cfg.steps else ["--epochs", str(cfg.epochs)]
     _stage("train", lambda: train.main(["--shards", str(d["shards"]), "--out", str(d["run"]), "--preset", "tiny",
@@ -102,6 +102,11 @@ def run(cfg: DemoConfig) -> dict:
     _stage("index", lambda: index_build.main(["--shards", str(d["shards"]), "--checkpoint",
                                               str(d["run"] / "checkpoint"), "--out", str(d["index"])]), timings)
 
+
+def _search(cfg: DemoConfig, d: dict, html_path: Path):
+    from indexing.report import write_html
+    from indexing.search import Searcher
+
     print("\n=== search ===", flush=True)
     searcher = Searcher(d["index"])
     results = searcher.search(cfg.queries, k=cfg.k)
@@ -109,22 +114,36 @@ def run(cfg: DemoConfig) -> dict:
         print(f'\n"{q}"')
         for h in hits:
             print(f"  {h.rank}. {h.score:.4f}  {h.caption:<40.40}  {searcher.image_path(h)}")
-    html = write_html(searcher, cfg.queries, cfg.k, w / "results.html")
-    timings["total"] = round(time.time() - t_start, 1)
+    return results, write_html(searcher, cfg.queries, cfg.k, html_path)
 
-    summary = {
+
+def _summary(cfg: DemoConfig, d: dict, timings: dict, results, html: Path) -> dict:
+    """What every stage wrote, read back through the stage contracts."""
+    filt, shards = read_filter_manifest(d["filter"]), read_manifest(d["shards"])
+    return {
         "config": asdict(cfg), "timings_s": timings,
-        "crawl": json.loads((d["crawl"] / CRAWL_MANIFEST).read_text())["totals"],
-        "filter": {k: v for k, v in json.loads((d["filter"] / "filter_manifest.json").read_text()).items()
-                   if k in ("input_rows", "kept", "dropped")},
-        "shards": {k: v for k, v in json.loads((d["shards"] / "manifest.json").read_text()).items()
-                   if k in ("num_samples", "missing")} | {"num_shards": len(list(d["shards"].glob("shard-*.tar")))},
-        "train": json.loads((d["run"] / "summary.json").read_text()),
-        "index": json.loads((d["index"] / "index.json").read_text()),
+        "crawl": read_json(d["crawl"] / CRAWL_MANIFEST)["totals"],
+        "filter": {k: v for k, v in filt.items() if k in ("input_rows", "kept", "dropped")},
+        "shards": {k: v for k, v in shards.items() if k in ("num_samples", "missing")}
+                  | {"num_shards": len(shards["shards"])},
+        "train": read_json(d["run"] / "summary.json"),
+        "index": read_index_info(d["index"]),
         "search": {q: [{"rank": h.rank, "score": h.score, "caption": h.caption, "image": h.image} for h in hits]
                    for q, hits in zip(cfg.queries, results)},
         "paths": {k: str(v) for k, v in d.items()} | {"results_html": str(html)},
     }
+
+
+def run(cfg: DemoConfig) -> dict:
+    w = Path(cfg.workdir).resolve()
+    d = {k: w / k for k in ("web", "crawl", "filter", "shards", "run", "index")}
+    timings: dict[str, float] = {}
+    t_start = time.time()
+    _data_stages(cfg, d, timings)
+    _model_stages(cfg, d, timings)
+    results, html = _search(cfg, d, w / "results.html")
+    timings["total"] = round(time.time() - t_start, 1)
+    summary = _summary(cfg, d, timings, results, html)
     atomic_write_json(w / "demo_summary.json", summary)
     print("\n=== where everything is ===")
     for k, v in summary["paths"].items():
@@ -135,21 +154,9 @@ def run(cfg: DemoConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    d = DemoConfig()
-    p = argparse.ArgumentParser(prog="clipforge demo", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", default=d.workdir)
-    p.add_argument("--tiny", action="store_true", help="the small preset the test suite runs (about a minute)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--steps", type=int, default=0)
-    p.add_argument("--max-emoji", type=int, default=d.max_emoji)
-    p.add_argument("--query", action="append", help="repeatable; default: " + ", ".join(QUERIES))
-    a = p.parse_args(argv)
-    cfg = DemoConfig.tiny(a.workdir) if a.tiny else DemoConfig(workdir=a.workdir, epochs=a.epochs, steps=a.steps,
-                                                                 max_emoji=a.max_emoji)
-    if a.query:
-        cfg.queries = a.query
-    run(cfg)
-    return 0
+    cli = CLI(DemoConfig, prog="clipforge demo", description=__doc__.split("\n")[0],
+              presets={"default": DemoConfig, "tiny": DemoConfig.tiny})
+    return run_main(cli, argv, lambda cfg: run(cfg) and 0)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ keeping the first key. Rerunning overwrites both files atomically.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,20 +22,22 @@ import duckdb
 import pyarrow as pa
 
 from trainer.clip.formats.crawl import complete_shards
-from trainer.clip.formats.decisions import write_decisions
+from trainer.clip.flags import CLI, opt, run_main
+from trainer.clip.formats.decisions import DECISIONS, write_decisions
 
 REASONS = ("crawl_failed", "caption_too_short", "image_too_small", "aspect_ratio", "duplicate")
 
 
 @dataclass
 class FilterConfig:
-    crawl_dir: str = ""
-    output_dir: str = ""
-    min_caption_chars: int = 5  # LAION: alt-text >= 5 chars; DataComp: > 5 chars and > 2 words
-    min_caption_words: int = 1
-    min_image_side: int = 64  # of the original image; DataComp uses 200 for web-scale data
-    max_aspect_ratio: float = 3.0  # DataComp
-    dedup: bool = True  # exact duplicates by sha256 of the image bytes
+    """The rules' thresholds (LAION: alt-text >= 5 chars; DataComp: > 2 words, shorter side >= 200, aspect <= 3)."""
+    crawl_dir: str = opt("", positional=True, help="CRAWL_DIR: img2dataset webdataset output")
+    output_dir: str = opt("", positional=True, help="FILTER_DIR to write")
+    min_caption_chars: int = opt(5, help="captions shorter than this are dropped")
+    min_caption_words: int = opt(1, help="captions with fewer words are dropped")
+    min_image_side: int = opt(64, help="images whose original shorter side is smaller are dropped")
+    max_aspect_ratio: float = opt(3.0, help="images more elongated than this are dropped")
+    dedup: bool = opt(True, help="drop exact duplicates (same sha256 of the image bytes; the smallest key stays)")
 
     @classmethod
     def tiny(cls, crawl_dir: str, output_dir: str) -> "FilterConfig":
@@ -124,29 +124,16 @@ def run(cfg: FilterConfig) -> dict:
     return manifest
 
 
-def main(argv=None) -> int:
-    d = FilterConfig()
-    p = argparse.ArgumentParser(prog="clipforge filter", description=__doc__.split("\n")[0])
-    p.add_argument("crawl_dir")
-    p.add_argument("output_dir")
-    p.add_argument("--min-caption-chars", type=int, default=d.min_caption_chars)
-    p.add_argument("--min-caption-words", type=int, default=d.min_caption_words)
-    p.add_argument("--min-image-side", type=int, default=d.min_image_side)
-    p.add_argument("--max-aspect-ratio", type=float, default=d.max_aspect_ratio)
-    p.add_argument("--no-dedup", action="store_true")
-    a = p.parse_args(argv)
-    cfg = FilterConfig(crawl_dir=a.crawl_dir, output_dir=a.output_dir, min_caption_chars=a.min_caption_chars,
-                       min_caption_words=a.min_caption_words, min_image_side=a.min_image_side,
-                       max_aspect_ratio=a.max_aspect_ratio, dedup=not a.no_dedup)
-    try:
-        m = run(cfg)
-    except FileNotFoundError as e:
-        print(f"filter: error: {e}", file=sys.stderr)
-        return 2
+def report(m: dict, output_dir: str) -> int:
     dropped = ", ".join(f"{k} {v}" for k, v in m["dropped"].items() if v)
     print(f"filter: kept {m['kept']}/{m['input_rows']} (dropped: {dropped or 'none'}) "
-          f"-> {cfg.output_dir}/decisions.parquet", flush=True)
+          f"-> {output_dir}/{DECISIONS}", flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    cli = CLI(FilterConfig, prog="clipforge filter", description=__doc__.split("\n")[0])
+    return run_main(cli, argv, lambda cfg: report(run(cfg), cfg.output_dir), (FileNotFoundError,), prefix="filter")
 
 
 if __name__ == "__main__":

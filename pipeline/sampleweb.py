@@ -16,7 +16,6 @@ JPEG, opt-out images, tiny images, exact duplicates (same bytes, other URL) and 
 
 from __future__ import annotations
 
-import argparse
 import io
 import random
 import sys
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from trainer.clip.flags import CLI, opt, run_main, section
 from trainer.clip.formats.atomic import atomic_write, atomic_write_bytes, atomic_write_json, read_json
 
 TEMPLATES = ["{}", "a {}", "an emoji of a {}", "{} icon", "a picture of a {}", "{}, flat illustration"]
@@ -39,15 +39,16 @@ BACKGROUNDS = [(255, 255, 255), (245, 240, 225), (225, 238, 250), (235, 250, 235
 
 @dataclass
 class SampleWebConfig:
-    max_emoji: int = 1200  # distinct emoji (concepts); 0 = all single-codepoint emoji with a Unicode name
-    variants: int = 2  # images per emoji (other background, scale, position, phrasing)
-    min_side: int = 96  # rendered image sides are drawn from [min_side, max_side]
-    max_side: int = 160
-    port: int = 8731
-    seed: int = 0
-    n_tiny: int = 6  # images smaller than the filter's min size
-    n_duplicates: int = 6  # same bytes as another image, other URL
-    n_short_captions: int = 4  # captions the filter must drop
+    """What the sample web holds."""
+    max_emoji: int = opt(1200, help="distinct emoji (concepts); 0 = every single-codepoint emoji with a Unicode name")
+    variants: int = opt(2, help="images per emoji (other background, scale, position, phrasing)")
+    min_side: int = opt(96, help="rendered image sides are drawn from [min-side, max-side]")
+    max_side: int = opt(160, help="see --min-side")
+    port: int = opt(8731, help="the port written into the URLs (and served on by serve-web)")
+    seed: int = opt(0, help="the seed of every random choice")
+    n_tiny: int = opt(6, help="images smaller than the filter's minimum side")
+    n_duplicates: int = opt(6, help="byte-identical copies of other images under other URLs")
+    n_short_captions: int = opt(4, help="rows whose caption the filter must drop")
 
     @classmethod
     def tiny(cls) -> "SampleWebConfig":
@@ -200,38 +201,48 @@ def serve(out: str | Path, port: int, host: str = "127.0.0.1") -> ThreadingHTTPS
     return server
 
 
-def main_build(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="clipforge sample-web", description="Render the offline sample image-text web.")
-    p.add_argument("out")
-    p.add_argument("--port", type=int, default=SampleWebConfig.port)
-    p.add_argument("--max-emoji", type=int, default=SampleWebConfig.max_emoji)
-    p.add_argument("--variants", type=int, default=SampleWebConfig.variants)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="the small preset used by tests")
-    a = p.parse_args(argv)
-    cfg = SampleWebConfig.tiny() if a.tiny else SampleWebConfig(max_emoji=a.max_emoji, variants=a.variants)
-    cfg.port, cfg.seed = a.port, a.seed
-    s = build(a.out, cfg)
-    print(f"sample web: {s['rows']} url rows {s['kinds']} -> {s['urls']} (serve with: clipforge serve-web {a.out}"
-          f" --port {cfg.port})")
+@dataclass
+class BuildCommand:
+    """clipforge sample-web OUT"""
+    out: str = opt("", positional=True, help="where to write the web (www/, urls.parquet, web.json)")
+    web: SampleWebConfig = section(SampleWebConfig)
+
+
+@dataclass
+class ServeCommand:
+    """clipforge serve-web OUT"""
+    out: str = opt("", positional=True, help="a dir written by sample-web")
+    port: int | None = opt(None, help="default: the port recorded in OUT/web.json")
+
+
+def _build(cmd: BuildCommand) -> int:
+    s = build(cmd.out, cmd.web)
+    print(f"sample web: {s['rows']} url rows {s['kinds']} -> {s['urls']} (serve with: clipforge serve-web {cmd.out}"
+          f" --port {cmd.web.port})")
     return 0
 
 
-def main_serve(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="clipforge serve-web", description="Serve a sample web on 127.0.0.1.")
-    p.add_argument("out")
-    p.add_argument("--port", type=int, default=None, help="default: the port recorded in OUT/web.json")
-    a = p.parse_args(argv)
-    port = a.port
-    if port is None:
-        port = read_json(Path(a.out) / "web.json")["config"]["port"]
-    server = serve(a.out, port)
-    print(f"serving {Path(a.out) / 'www'} on http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
+def _serve(cmd: ServeCommand) -> int:
+    port = cmd.port if cmd.port is not None else read_json(Path(cmd.out) / "web.json")["config"]["port"]
+    server = serve(cmd.out, port)
+    print(f"serving {Path(cmd.out) / 'www'} on http://127.0.0.1:{port}/ (Ctrl-C to stop)", flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
         server.shutdown()
     return 0
+
+
+def main_build(argv=None) -> int:
+    presets = {"default": BuildCommand, "tiny": lambda: BuildCommand(web=SampleWebConfig.tiny())}
+    cli = CLI(BuildCommand, prog="clipforge sample-web", description="Render the offline sample image-text web.",
+              presets=presets)
+    return run_main(cli, argv, _build)
+
+
+def main_serve(argv=None) -> int:
+    cli = CLI(ServeCommand, prog="clipforge serve-web", description="Serve a sample web on 127.0.0.1.")
+    return run_main(cli, argv, _serve, (FileNotFoundError,))
 
 
 if __name__ == "__main__":

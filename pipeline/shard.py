@@ -15,7 +15,6 @@ A kept sample that is missing or unreadable in the crawl tar is counted in the m
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,18 +26,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.common import init_ray
+from trainer.clip.flags import CLI, opt, require, run_main
 from trainer.clip.formats.atomic import atomic_write
 from trainer.clip.formats.decisions import decisions_path, read_filter_manifest
-from trainer.clip.formats.shards import SAMPLE_SCHEMA, iter_tar_samples, shard_name, write_manifest, write_tar
+from trainer.clip.formats.shards import MANIFEST, SAMPLE_SCHEMA, iter_tar_samples, shard_name, write_manifest, write_tar
 
 @dataclass
 class ShardConfig:
-    filter_dir: str = ""
-    output_dir: str = ""
-    crawl_dir: str = ""  # "" = the crawl dir recorded in FILTER_DIR/filter_manifest.json
-    samples_per_shard: int = 10_000
-    image_ext: str = "jpg"
-    ray_address: str | None = None
+    """What is sharded, how big the shards are, and where the work runs."""
+    filter_dir: str = opt("", positional=True, help="FILTER_DIR: decisions.parquet + filter_manifest.json")
+    output_dir: str = opt("", positional=True, help="SHARDS_DIR to write")
+    crawl_dir: str = opt("", help="the crawl dir (default: the one recorded by the filter stage)")
+    samples_per_shard: int = opt(10_000, help="samples per output shard")
+    image_ext: str = opt("jpg", help="the image member copied from the crawl tars")
+    ray_address: str | None = opt(None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local "
+                                             "in-process Ray)")
+
+    def __post_init__(self):
+        require(self, "samples_per_shard", self.samples_per_shard >= 1, "must be >= 1")
 
     @classmethod
     def tiny(cls, filter_dir: str, output_dir: str) -> "ShardConfig":
@@ -115,25 +120,16 @@ def run(cfg: ShardConfig) -> dict:
                           resumed_shards=sum(e["skipped_existing"] for e in entries))
 
 
-def main(argv=None) -> int:
-    d = ShardConfig()
-    p = argparse.ArgumentParser(prog="clipforge shard", description=__doc__.split("\n")[0])
-    p.add_argument("filter_dir")
-    p.add_argument("output_dir")
-    p.add_argument("--crawl-dir", default="", help="default: the one recorded by the filter stage")
-    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
-    p.add_argument("--ray-address", default=None, help="default: $RAY_ADDRESS, else a local in-process Ray")
-    a = p.parse_args(argv)
-    cfg = ShardConfig(filter_dir=a.filter_dir, output_dir=a.output_dir, crawl_dir=a.crawl_dir,
-                      samples_per_shard=a.samples_per_shard, ray_address=a.ray_address)
-    try:
-        m = run(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"shard: error: {e}", file=sys.stderr)
-        return 2
+def report(m: dict, output_dir: str) -> int:
     print(f"shard: {m['num_samples']} samples in {len(m['shards'])} shards ({m['missing']} missing in the crawl, "
-          f"{m['resumed_shards']} shards already done) -> {cfg.output_dir}/manifest.json", flush=True)
+          f"{m['resumed_shards']} shards already done) -> {output_dir}/{MANIFEST}", flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    cli = CLI(ShardConfig, prog="clipforge shard", description=__doc__.split("\n")[0])
+    return run_main(cli, argv, lambda cfg: report(run(cfg), cfg.output_dir), (FileNotFoundError, ValueError),
+                    prefix="shard")
 
 
 if __name__ == "__main__":

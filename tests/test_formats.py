@@ -118,7 +118,7 @@ def test_img2dataset_and_plain_tar_dirs(tmp_path):
 
 
 def test_bad_manifests_are_clear_errors(tmp_path):
-    with pytest.raises(shards.ShardFormatError, match="shards dir not found"):
+    with pytest.raises(shards.ShardFormatError, match="shard dir not found"):
         shards.list_shards(tmp_path / "nope")
     (tmp_path / shards.MANIFEST).write_text("{not json")
     with pytest.raises(shards.ShardFormatError, match="invalid manifest"):

@@ -145,7 +145,8 @@ def check_cli(argv: list[str]) -> None:
     argparse.ArgumentParser.parse_args = parse_then_stop
     try:
         with pytest.raises(_Parsed):
-            importlib.import_module(module).main(args)
+            rc = importlib.import_module(module).main(args)
+            raise SystemExit(rc)  # main() returned without a successful parse: it rejected the command line
     finally:
         argparse.ArgumentParser.parse_args = real
 
@@ -206,8 +207,8 @@ def test_kuberay_train_job_matches_its_cluster():
     gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert launch.use_gpu and launch.num_workers == group["replicas"] * gpus
     cfg = train.parse_args(train_argv)
-    assert cfg.resume == "latest" and cfg.save_every > 0 and launch.max_failures > 0
-    assert all(p.startswith("/data/") for p in (*cfg.shards, cfg.out, launch.storage_path))  # the shared PVC
+    assert cfg.save.resume == "latest" and cfg.save.every > 0 and launch.max_failures > 0
+    assert all(p.startswith("/data/") for p in (*cfg.data.shards, cfg.out, launch.storage_path))  # the shared PVC
 
 
 def test_ray_cluster_launcher_config():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import crawl, sampleweb
+from pipeline import sampleweb
 from trainer.clip.formats.crawl import CRAWL_MANIFEST
 
 pytestmark = pytest.mark.slow

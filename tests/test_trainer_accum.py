@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 from trainer.loss import ClipLoss, FeatureCache, SigLipLoss, siglip_loss
 from trainer.clip.model import CLIP, get_config
 from trainer.clip.tokenizer import tokenize
-from trainer.train import TrainConfig, make_train_module, train_step
+from trainer.config import TrainConfig
+from trainer.step import make_train_module, train_step
 from helpers import free_port
 
 N, WORLD = 8, 2
@@ -136,7 +137,7 @@ def test_siglip_matches_reference_formula():
 @pytest.fixture
 def ds_world1():
     from trainer.engine import destroy_distributed, init_distributed
-    from trainer.train import single_process_env
+    from trainer.launch import single_process_env
 
     with single_process_env():
         init_distributed(TrainConfig.tiny())
@@ -147,20 +148,16 @@ def ds_world1():
 
 
 def _engine(loss_name, micro, accum, zero, patch_dropout=0.0, grad_checkpointing=False):
-    from trainer.engine import build_ds_config, init_engine
-    from trainer.parallel import apply_activation_checkpointing
+    from trainer.engine import build_engine
 
     # eps 1e-3: parameters whose true gradient is 0 (an attention key bias: softmax ignores a shift of every logit)
     # get float-noise gradients (~1e-9) of either sign, which Adam with eps 1e-6 would turn into steps of
     # ~lr * |g| / eps ~ 1e-5 in a direction set by rounding (it differs between CPUs). A larger eps keeps that
     # noise at ~1e-8 while a wrong accumulation (other gradients) still changes the step.
     cfg = TrainConfig.tiny(batch_size=micro, grad_accum=accum, zero=zero, grad_clip=1e6, loss=loss_name, warmup=1,
-                           lr=1e-3, weight_decay=0.1, eps=1e-3)
-    model = _model(patch_dropout)
-    if grad_checkpointing:
-        apply_activation_checkpointing(model)
-    module = make_train_module(model, loss_name)
-    engine, _ = init_engine(module, cfg, build_ds_config(cfg, 1), total_steps=10)
+                           lr=1e-3, weight_decay=0.1, eps=1e-3, patch_dropout=patch_dropout,
+                           grad_checkpointing=grad_checkpointing)
+    engine, _, _ = build_engine(cfg, 1, total_steps=10)  # the CLIP of _model(patch_dropout): tiny, seed 0
     return engine
 
 

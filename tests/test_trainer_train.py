@@ -11,7 +11,8 @@ from trainer.clip.checkpoint import load_model
 from trainer.data import DataError, read_shards, train_batches
 from trainer.engine import build_ds_config, param_groups
 from trainer.clip.model import CLIP, get_config
-from trainer.train import TrainConfig, main
+from trainer.config import TrainConfig
+from trainer.train import main
 
 from helpers import write_shards
 

@@ -18,7 +18,9 @@ import torch.multiprocessing as mp
 from trainer.engine import build_ds_config
 from trainer.clip.model import CLIP, get_config
 from trainer.clip.tokenizer import tokenize
-from trainer.train import TrainConfig, main, make_train_module, train_step
+from trainer.config import TrainConfig
+from trainer.step import make_train_module, train_step
+from trainer.train import main
 from helpers import free_port
 
 WORLD, STEPS, PER_RANK = 2, 4, 4
@@ -44,17 +46,12 @@ def _batches(step, rank):
 
 
 def _train(loss, zero, ckpt, accum, rank):
-    from trainer.engine import full_fp32_state_dict, init_engine
-    from trainer.parallel import apply_activation_checkpointing
+    from trainer.engine import build_engine, full_fp32_state_dict
 
     micro = PER_RANK // accum
     cfg = TrainConfig.tiny(batch_size=micro, grad_accum=accum, zero=zero, grad_checkpointing=ckpt, loss=loss,
                            warmup=1, lr=1e-3, grad_clip=1.0)
-    torch.manual_seed(0)
-    model = CLIP(get_config("tiny"))
-    if ckpt:
-        apply_activation_checkpointing(model)
-    engine, _ = init_engine(make_train_module(model, loss), cfg, build_ds_config(cfg, WORLD), total_steps=10)
+    engine, _, _ = build_engine(cfg, WORLD, total_steps=10)  # the tiny CLIP from seed 0
     losses, norms = [], []
     for step in range(STEPS):
         images, tokens = _batches(step, rank)
@@ -73,13 +70,13 @@ def _train(loss, zero, ckpt, accum, rank):
 
 def _bf16_masters(zero, rank):
     """A bf16 engine: its fp32 master weights right after init and after 2 steps (2 ranks, each its partition)."""
-    from trainer.engine import full_fp32_state_dict, init_engine
+    from trainer.engine import build_engine, full_fp32_state_dict
 
-    cfg = TrainConfig.tiny(batch_size=PER_RANK, zero=zero, precision="bf16", warmup=1, lr=1e-3)
-    torch.manual_seed(0)
-    module = make_train_module(CLIP(get_config("tiny")), "siglip")
-    init = {k: v.detach().clone() for k, v in module.named_parameters()}
-    engine, _ = init_engine(module, cfg, build_ds_config(cfg, WORLD), total_steps=10)
+    cfg = TrainConfig.tiny(batch_size=PER_RANK, zero=zero, precision="bf16", warmup=1, lr=1e-3, loss="siglip",
+                           grad_checkpointing=False)
+    torch.manual_seed(0)  # the module build_engine makes from seed 0, in fp32
+    init = {k: v.detach().clone() for k, v in make_train_module(CLIP(get_config("tiny")), "siglip").named_parameters()}
+    engine, _, _ = build_engine(cfg, WORLD, total_steps=10)
     at_init = full_fp32_state_dict(engine, zero)
     for step in range(2):
         train_step(engine, [_batches(step, rank)])
@@ -134,7 +131,7 @@ def test_same_loss_curve_and_weights_as_zero0(zero_results, run):
 
 @pytest.mark.parametrize("zero", range(4))
 def test_bf16_master_weights_start_exact_and_are_exported(zero_results, zero):
-    """DeepSpeed builds the fp32 masters from the bf16-cast module; init_engine resets them to the exact fp32 init
+    """DeepSpeed builds the fp32 masters from the bf16-cast module; build_engine resets them to the exact fp32 init
     (SigLIP's logit_scale = log 10, not its bf16 rounding), and the exported weights are the masters (at stage 0 too,
     which deepspeed.utils.safe_get_full_fp32_param does not cover), not the bf16 copies."""
     got = zero_results[("bf16", zero)]

@@ -1,4 +1,5 @@
-"""Everything DeepSpeed: the generated config, engine creation and gathering weights for saving.
+"""Everything DeepSpeed: the generated config, `build_engine` (the one way an engine is made: by the trainer, the
+tests and the GPU benchmark), the process group, and gathering weights for saving.
 
 This is the ONLY module of clipforge that imports deepspeed (lazily, so `build_ds_config` stays importable).
 """
@@ -7,13 +8,13 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from trainer.train import TrainConfig
+from trainer.clip.model import CLIP, CLIPConfig, get_config
+from trainer.config import TrainConfig
+from trainer.parallel import apply_activation_checkpointing, compile_blocks
+from trainer.step import make_train_module
 
 NO_DECAY_NAMES = ("logit_scale", "class_embedding", "positional_embedding", "token_embedding")
 
@@ -38,35 +39,32 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_ds_config(cfg: "TrainConfig", world_size: int) -> dict:
-    """The DeepSpeed JSON config for this run. train_batch_size = micro * grad_accum * world is checked."""
-    train_batch_size = cfg.batch_size * cfg.grad_accum * world_size
-    assert train_batch_size == cfg.global_batch_size(world_size), "batch size arithmetic"
-    if cfg.zero not in (0, 1, 2, 3):
-        raise ValueError(f"--zero must be 0, 1, 2 or 3, got {cfg.zero}")
+def build_ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON config for this run (train_batch_size = micro * grad_accum * world)."""
+    o, precision = cfg.optim, cfg.precision.precision
     ds = {
-        "train_batch_size": train_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.grad_clip,
+        "train_batch_size": cfg.global_batch_size(world_size),
+        "train_micro_batch_size_per_gpu": o.batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "gradient_clipping": o.grad_clip,
         "steps_per_print": 10**9,  # progress lines come from the trainer
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": cfg.zero},
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": cfg.lr,
-                "betas": list(cfg.betas),
-                "eps": cfg.eps,
-                "weight_decay": cfg.weight_decay,
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
                 "torch_adam": True,  # plain torch AdamW: no JIT-compiled fused kernel needed on CPU
             },
         },
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
     }
-    if cfg.precision == "fp16":  # dynamic loss scaling (loss_scale 0), starting at 2**loss_scale_power
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": cfg.loss_scale_power,
+    if precision == "fp16":  # dynamic loss scaling (loss_scale 0), starting at 2**loss_scale_power
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": cfg.precision.loss_scale_power,
                       "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     if cfg.zero == 3:
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": True})
@@ -188,7 +186,7 @@ def undo_process_patches() -> None:
         torch.nn.functional.linear = original
 
 
-def init_distributed(cfg: "TrainConfig") -> tuple[int, int, int]:
+def init_distributed(cfg: TrainConfig) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU). -> (rank, local_rank, world)."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -200,11 +198,38 @@ def init_distributed(cfg: "TrainConfig") -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_engine(model: nn.Module, cfg: "TrainConfig", ds_config: dict, total_steps: int):
-    """-> (engine, lr_scheduler). Linear warmup to cfg.lr, then cosine decay to 0 over the remaining steps."""
+def model_config(cfg: TrainConfig) -> CLIPConfig:
+    """The CLIPConfig a run trains: the --model preset or file, with --patch-dropout (training only)."""
+    config = get_config(cfg.model.name)
+    if cfg.model.patch_dropout:
+        config.vision.patch_dropout = cfg.model.patch_dropout  # eval and inference see every patch
+    return config
+
+
+def build_engine(cfg: TrainConfig, world_size: int, total_steps: int, model: CLIP | None = None,
+                 ds_overrides: dict | None = None):
+    """The trainer's model set-up, in order: the CLIP (model_config(cfg), initialised from --seed, identically on
+    every rank; or `model`), activation checkpointing and per-block compile applied from outside (state_dict keys
+    unchanged), the loss wrapped around it (trainer.step), and the DeepSpeed engine with its LR schedule.
+    torch.distributed must be initialised (init_distributed). -> (engine, lr_scheduler, ds_config)."""
+    ds_config = {**build_ds_config(cfg, world_size), **(ds_overrides or {})}
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        model = CLIP(model_config(cfg))
+    ck = cfg.checkpointing
+    if ck.enabled:
+        apply_activation_checkpointing(model, offload=ck.offload, chunks=ck.chunks, policy=ck.policy, group=ck.group)
+    if cfg.model.compile:  # after checkpointing: each block's graph includes its checkpoint
+        compile_blocks(model)
+    engine, scheduler = _init_engine(make_train_module(model, cfg.model.loss), cfg, ds_config, total_steps)
+    return engine, scheduler, ds_config
+
+
+def _init_engine(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps: int):
+    """-> (engine, lr_scheduler). Linear warmup to --lr, then cosine decay to 0 over the remaining steps."""
     import deepspeed
 
-    warmup = max(0, min(cfg.warmup, total_steps - 1))
+    warmup = max(0, min(cfg.optim.warmup, total_steps - 1))
 
     def lr_lambda(step: int) -> float:  # multiplier of cfg.lr for optimizer step `step` (0-based)
         if step < warmup:
@@ -219,7 +244,7 @@ def init_engine(model: nn.Module, cfg: "TrainConfig", ds_config: dict, total_ste
     fp32_init = {n: p.detach().float().clone() for n, p in model.named_parameters()} if sixteen_bit else {}
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, cfg.weight_decay),
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
         lr_scheduler=make_scheduler,
         config=ds_config,
     )

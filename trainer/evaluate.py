@@ -42,15 +42,13 @@ Pure torch + numpy (+ scikit-learn, imported by the linear probe only); no DeepS
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
-import sys
 import time
 import warnings
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -58,6 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer.clip.flags import CLI, opt, require, run_main
 from trainer.clip.formats.atomic import atomic_write_json
 from trainer.data import DataError
 from trainer.evaldata import (EvalCollate, EvalData, EvalDataError, EvalItems, EvalSample, EvalSet,
@@ -378,36 +377,44 @@ def flatten_metrics(metrics: dict, prefix: str = "eval") -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="clipforge eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="CKPT_DIR (model.safetensors + config.json) or an OpenAI / open_clip / HF checkpoint")
-    p.add_argument("--retrieval", metavar="SHARDS_DIR", help="image<->text retrieval on (image, caption) shards")
-    p.add_argument("--zeroshot", metavar="DATA", help="zero-shot classification: labelled shards or ImageFolder dir")
-    p.add_argument("--classes", metavar="FILE.json", help='zero-shot {"classnames": [...], "templates": [...]}')
-    p.add_argument("--linear-probe-train", metavar="DATA", help="linear probe training data (labelled)")
-    p.add_argument("--linear-probe-test", metavar="DATA", help="linear probe test data (labelled)")
-    p.add_argument("--linear-probe-classes", metavar="FILE.json", help="classnames for the linear-probe labels")
-    p.add_argument("--lp-cs", type=float, nargs="+", default=list(DEFAULT_CS), metavar="C",
-                   help="inverse L2 strengths swept on a 20%% validation split of the training set")
-    p.add_argument("--lp-max-iter", type=int, default=1000, help="L-BFGS iterations")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="image decoding processes (0: in the main process)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", metavar="metrics.json", help="also write the metrics here (atomically)")
-    args = p.parse_args(argv)
-    if not (args.retrieval or args.zeroshot or args.linear_probe_train or args.linear_probe_test):
-        p.error("nothing to evaluate: give --retrieval, --zeroshot and/or --linear-probe-train/--linear-probe-test")
-    if bool(args.linear_probe_train) != bool(args.linear_probe_test):
-        p.error("--linear-probe-train and --linear-probe-test go together")
-    if args.classes and not args.zeroshot:
-        p.error("--classes is for --zeroshot")
-    if args.batch_size < 1 or args.workers < 0 or args.lp_max_iter < 1 or min(args.lp_cs) <= 0:
-        p.error("--batch-size and --lp-max-iter must be >= 1, --workers >= 0, --lp-cs > 0")
-    return args
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run(args: argparse.Namespace) -> dict:
+@dataclass
+class EvalRunConfig:
+    """What `clipforge eval` evaluates (the data formats: trainer.evaldata)."""
+    checkpoint: str = opt("", required=True, help="CKPT_DIR (model.safetensors + config.json) or an OpenAI / "
+                                                  "open_clip / HF checkpoint")
+    retrieval: str | None = opt(None, metavar="SHARDS_DIR", help="image<->text retrieval on (image, caption) shards")
+    zeroshot: str | None = opt(None, metavar="DATA", help="zero-shot classification: labelled shards or ImageFolder")
+    classes: str | None = opt(None, metavar="FILE.json", help='zero-shot {"classnames": [...], "templates": [...]}')
+    linear_probe_train: str | None = opt(None, metavar="DATA", help="linear probe training data (labelled)")
+    linear_probe_test: str | None = opt(None, metavar="DATA", help="linear probe test data (labelled)")
+    linear_probe_classes: str | None = opt(None, metavar="FILE.json", help="classnames for the linear-probe labels")
+    lp_cs: list[float] = opt(default_factory=lambda: list(DEFAULT_CS), metavar="C",
+                             help="inverse L2 strengths swept on a 20% validation split of the training set")
+    lp_max_iter: int = opt(1000, help="L-BFGS iterations")
+    batch_size: int = opt(64, help="images (or prompts) per forward pass")
+    workers: int = opt(2, help="image decoding processes (0: in the main process)")
+    device: str = opt(default_factory=_default_device, help="torch device")
+    out: str | None = opt(None, metavar="metrics.json", help="also write the metrics here (atomically)")
+
+    def __post_init__(self):
+        if not (self.retrieval or self.zeroshot or self.linear_probe_train or self.linear_probe_test):
+            raise ValueError("nothing to evaluate: give --retrieval, --zeroshot and/or "
+                             "--linear-probe-train/--linear-probe-test")
+        if bool(self.linear_probe_train) != bool(self.linear_probe_test):
+            raise ValueError("--linear-probe-train and --linear-probe-test go together")
+        if self.classes and not self.zeroshot:
+            raise ValueError("--classes is for --zeroshot")
+        for name in ("batch_size", "lp_max_iter"):
+            require(self, name, getattr(self, name) >= 1, "must be >= 1")
+        require(self, "workers", self.workers >= 0, "must be >= 0")
+        require(self, "lp_cs", min(self.lp_cs) > 0, "must be > 0")
+
+
+def run(args: EvalRunConfig) -> dict:
     from trainer.clip.checkpoint import load_pretrained
 
     t0 = time.perf_counter()
@@ -440,22 +447,20 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage / the error (or -h)
-        return e.code if isinstance(e.code, int) else 2
-    from trainer.clip.checkpoint import CheckpointError
-
-    try:
-        result = run(args)
-        if args.out:
-            atomic_write_json(args.out, result)
-    except (DataError, CheckpointError, OSError) as e:  # OSError: e.g. --out not writable
-        print(f"clipforge eval: error: {e}", file=sys.stderr)
-        return 2
+def _run_and_print(cfg: EvalRunConfig) -> int:
+    result = run(cfg)
+    if cfg.out:
+        atomic_write_json(cfg.out, result)
     print(json.dumps(result), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.clip.checkpoint import CheckpointError
+
+    cli = CLI(EvalRunConfig, prog="clipforge eval", description=__doc__.split("\n\n")[0])
+    # OSError: e.g. --out not writable
+    return run_main(cli, argv, _run_and_print, (DataError, CheckpointError, OSError), prefix="clipforge eval")
 
 
 if __name__ == "__main__":

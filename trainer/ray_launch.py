@@ -25,14 +25,15 @@ This module is the only trainer module that imports ray (lazily, inside main); n
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from trainer.clip.flags import CLI, opt, require, with_flags
 
 PREFIX = "[ray_launch]"
 # Driver environment passed on to the workers (a Ray worker does not inherit the shell of `ray job submit`).
@@ -43,55 +44,57 @@ def _err(msg: str) -> None:
     print(f"{PREFIX} error: {msg}", file=sys.stderr, flush=True)
 
 
-def parse_launch_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+@dataclass
+class RayLaunchConfig:
+    """Ray Train workers (everything after `--` is the trainer's own command line)."""
+    num_workers: int = opt(1, required=True, help="ranks = Ray Train workers (world size)")
+    use_gpu: bool = opt(False, help="one GPU per worker (= per rank, cuda:LOCAL_RANK), nccl (default: CPU workers, "
+                                    "gloo)")
+    cpus_per_worker: float = opt(1.0, help="CPUs reserved per worker (also its OMP_NUM_THREADS)")
+    address: str | None = opt(None, help="Ray cluster to join ('auto', ray://..., host:port); default $RAY_ADDRESS "
+                                         "(set by `ray job submit`), else an in-process Ray on 127.0.0.1")
+    num_cpus: int | None = opt(None, help="CPUs of the in-process Ray (no cluster only)")
+    storage_path: str | None = opt(None, help="Ray Train's run storage (its own run metadata only; clipforge writes "
+                                              "RUN_DIR); default ~/ray_results; shared storage on a multi-node cluster")
+    name: str | None = opt(None, help="Ray Train run name (default clipforge-train-<time>)")
+    placement_strategy: str = opt("PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                                  help="how the workers are placed on the nodes")
+    max_failures: int = opt(0, help="worker-group restarts Ray Train may make after a failure; combine with the "
+                                    "trainer's `--resume latest --save-every N` so a restart continues from the last "
+                                    "checkpoint")
+
+    def __post_init__(self):
+        require(self, "num_workers", self.num_workers >= 1, "must be >= 1")
+        require(self, "cpus_per_worker", self.cpus_per_worker > 0, "must be > 0")
+        require(self, "max_failures", self.max_failures >= 0, "must be >= 0")
+
+
+def parse_launch_args(argv: list[str]) -> tuple[RayLaunchConfig, list[str]]:
     """Split `LAUNCH_FLAGS -- TRAIN_FLAGS`. SystemExit(2) on a usage error, SystemExit(0) on --help."""
     if "--" in argv:
         i = argv.index("--")
         launch_argv, train_argv = argv[:i], argv[i + 1:]
     else:
         launch_argv, train_argv = argv, []
-    p = argparse.ArgumentParser(
-        prog="python -m trainer.ray_launch", allow_abbrev=False,
-        usage="python -m trainer.ray_launch --num-workers N [options] -- TRAINER_FLAGS",
-        description="Run trainer.train on N Ray Train workers (TorchTrainer). TRAINER_FLAGS are the flags of "
-                    "`python -m trainer.train` (--shards, --out, --model, ...); --nproc is not used here.")
-    p.add_argument("--num-workers", type=int, required=True, help="ranks = Ray Train workers (world size)")
-    p.add_argument("--use-gpu", action="store_true",
-                   help="one GPU per worker (= per rank, cuda:LOCAL_RANK), nccl (default: CPU workers, gloo)")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="CPUs reserved per worker (also its OMP_NUM_THREADS); default 1")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join ('auto', ray://..., host:port); default $RAY_ADDRESS (set by "
-                        "`ray job submit`), else an in-process Ray on 127.0.0.1")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the in-process Ray (no cluster only)")
-    p.add_argument("--storage-path", default=None,
-                   help="Ray Train's run storage (its own run metadata only; clipforge writes RUN_DIR); "
-                        "default ~/ray_results; shared storage on a multi-node cluster")
-    p.add_argument("--name", default=None, help="Ray Train run name (default clipforge-train-<time>)")
-    p.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
-    p.add_argument("--max-failures", type=int, default=0,
-                   help="worker-group restarts Ray Train may make after a failure (default 0); combine with the "
-                        "trainer's `--resume latest --save-every N` so a restart continues from the last checkpoint")
-    args = p.parse_args(launch_argv)
-    if args.num_workers < 1:
-        p.error("--num-workers must be >= 1")
-    if args.cpus_per_worker <= 0:
-        p.error("--cpus-per-worker must be > 0")
+    cli = CLI(RayLaunchConfig, prog="python -m trainer.ray_launch",
+              description="Run trainer.train on N Ray Train workers (TorchTrainer). TRAINER_FLAGS are the flags of "
+                          "`python -m trainer.train` (--shards, --out, --model, ...); --nproc is not used here.",
+              epilog="usage: python -m trainer.ray_launch --num-workers N [options] -- TRAINER_FLAGS")
+    args = cli.parse(launch_argv)
     if not train_argv:
-        p.error("missing trainer flags: put them after `--` (e.g. -- --shards D --out R)")
+        cli.parser.error("missing trainer flags: put them after `--` (e.g. -- --shards D --out R)")
     return args, train_argv
 
 
 def _absolute_paths(cfg, train_argv: list[str]) -> list[str]:
     """The driver's cwd is not the workers' (under `ray job submit` each one is a temporary copy of the working
     dir): pin the path flags to absolute paths, appended after the user's (argparse keeps the last value)."""
-    shards = cfg.shards if isinstance(cfg.shards, (list, tuple)) else [cfg.shards]
-    pinned = [("--shards", [os.path.abspath(s) for s in shards]), ("--out", [os.path.abspath(cfg.out)])]
-    resume = getattr(cfg, "resume", "")
+    pinned = [("--shards", [os.path.abspath(s) for s in cfg.data.shards]), ("--out", [os.path.abspath(cfg.out)])]
+    resume = cfg.save.resume
     if resume and resume != "latest":
         pinned.append(("--resume", [os.path.abspath(resume)]))
-    if cfg.model.endswith(".json") and Path(cfg.model).is_file():
-        pinned.append(("--model", [os.path.abspath(cfg.model)]))
+    if cfg.model.name.endswith(".json") and Path(cfg.model.name).is_file():
+        pinned.append(("--model", [os.path.abspath(cfg.model.name)]))
     extra = []
     for flag, paths in pinned:
         for path in paths:
@@ -176,7 +179,7 @@ def _failure_summary(e: BaseException) -> str:
     return f"  {gist(e)}"
 
 
-def run(args: argparse.Namespace, train_argv: list[str]):
+def run(args: RayLaunchConfig, train_argv: list[str]):
     """Build and fit the TorchTrainer. Raises ray.train.TrainingFailedError if a worker fails."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.nproc != 1:
             raise ValueError("--nproc is for local launches; with Ray the world size is --num-workers")
         # The driver may have no GPU (a CPU-only head node): leave fp16/bf16 support to the GPU workers.
-        trainer_train.validate(dataclasses.replace(cfg, precision="fp32") if args.use_gpu else cfg)
+        trainer_train.validate(with_flags(cfg, precision="fp32") if args.use_gpu else cfg)
         train_argv = _absolute_paths(cfg, train_argv)
     except (DataError, ValueError, KeyError, FileNotFoundError) as e:
         _err(str(e))

@@ -186,7 +186,7 @@ def list_shards(root: str | Path) -> ShardDir:
     manifest is invalid; an empty dir gives no shards (the caller decides whether that is an error)."""
     root = Path(root)
     if not root.is_dir():
-        raise ShardFormatError(f"shards dir not found: {root}")
+        raise ShardFormatError(f"shard dir not found: {root}")
     if (root / MANIFEST).is_file():
         m = read_manifest(root)
         shards = [ShardInfo((root / s["tar"]).resolve(), int(s.get("num_samples", 1))) for s in m["shards"]]
