@@ -11,10 +11,8 @@ write), not the network.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -23,20 +21,17 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(max_emoji: int, variants: int, samples_per_shard: int, threads: int, workdir: str | None = None) -> dict:
     from img2dataset import download
 
     from pipeline import crawl, sampleweb
     from pipeline.common import init_ray
+    from trainer.clip.formats.atomic import read_json
+    from trainer.clip.formats.crawl import complete_shards
+    from trainer.clip.ports import free_port
 
     tmp = Path(workdir or tempfile.mkdtemp(prefix="bench-crawl-"))
-    cfg = sampleweb.SampleWebConfig(max_emoji=max_emoji, variants=variants, port=_free_port())
+    cfg = sampleweb.SampleWebConfig(max_emoji=max_emoji, variants=variants, port=free_port())
     web = sampleweb.build(tmp / "web", cfg)
     server = sampleweb.serve(tmp / "web", cfg.port)
     common = dict(number_sample_per_shard=samples_per_shard, thread_count=threads, timeout=10, image_size=128,
@@ -49,7 +44,7 @@ def run(max_emoji: int, variants: int, samples_per_shard: int, threads: int, wor
                  caption_col="caption", output_format="webdataset", processes_count=n_proc,
                  distributor="multiprocessing", compute_hash="sha256", enable_wandb=False, **common)
         t_peer = time.perf_counter() - t0
-        peer_ok = sum(json.loads(p.read_text())["successes"] for p in (tmp / "peer").glob("*_stats.json"))
+        peer_ok = sum(read_json(shard.stats)["successes"] for shard in complete_shards(tmp / "peer"))
 
         init_ray(num_cpus=n_proc)  # started before timing: a long-lived cluster is the normal case
         c = crawl.CrawlConfig(url_list=web["urls"], output_dir=str(tmp / "ours"), samples_per_shard=samples_per_shard,

@@ -239,12 +239,10 @@ def open_clip_argv(cfg: BenchConfig, shards: Path, logs: Path, model_name: str) 
 def open_clip_cmd(cfg: BenchConfig, config_json: Path, argv: list[str]) -> list[str]:
     me = str(Path(__file__).resolve())
     if cfg.nproc > 1:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from trainer.clip.ports import free_port
+
         launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}", "--nnodes=1",
-                  "--master_addr=127.0.0.1", f"--master_port={port}", me]
+                  "--master_addr=127.0.0.1", f"--master_port={free_port()}", me]
     else:
         launch = [sys.executable, me]
     return launch + [OPEN_CLIP_SIDE, str(config_json), "--"] + argv

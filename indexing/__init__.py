@@ -1,0 +1,1 @@
+"""Embedding, the FAISS index and text-to-image search over it."""
