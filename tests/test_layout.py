@@ -101,3 +101,14 @@ def test_readme_layout_names_every_module():
                                 sorted(names - files))
     for d in ("infra/", "bench/", "tests/", "docs/"):
         assert d in listed and (ROOT / d).is_dir(), d
+
+
+def test_importing_the_shared_library_loads_no_deepspeed_or_ray():
+    import subprocess
+    import sys
+
+    mods = sorted(m for m in _modules() if m.startswith("trainer.clip"))
+    code = (f"import sys; import {', '.join(mods)}; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'deepspeed', 'ray'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

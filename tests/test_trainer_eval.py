@@ -125,7 +125,7 @@ def _tiny(seed=0):
 
 # ----------------------------------------------------------------------------------------------- imports
 def test_evaluate_reexports_the_data_api_and_imports_no_deepspeed_or_ray():
-    # trainer/train.py and pipeline/cli.py import these from trainer.evaluate
+    # trainer/loop.py and pipeline/cli.py import these from trainer.evaluate
     from trainer.evaluate import EvalDataError, build_eval_data, evaluate, flatten_metrics, main
 
     assert EvalDataError is ed.EvalDataError and build_eval_data is ed.build_eval_data

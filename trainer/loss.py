@@ -7,7 +7,7 @@ for a slice back to the slice's owner), and each rank scores its own b rows agai
 W*b columns. The positives of rank r sit at columns r*b .. r*b+b-1. With the data-parallel gradient average over
 ranks this yields exactly the gradient of the single-process full-batch loss, at O(b * W*b) memory per rank.
 
-Gradient accumulation over N micro-batches (trainer.train.train_step) first computes every micro-batch's
+Gradient accumulation over N micro-batches (trainer.step.train_step) first computes every micro-batch's
 features without grad and gathers them once (FeatureCache, [W, N, b, E], no grad). Micro-batch i is then re-run
 with grad; its fresh features replace slot i of the cache on every rank (fresh slots are gathered with grad), so
 each rank scores its N*b local rows against all W*N*b columns. Summing the N backward passes gives exactly the
