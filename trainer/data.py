@@ -64,18 +64,21 @@ def read_shards(shards_dir: str | Path, weight: float | None = None) -> ShardSet
         d = list_shards(shards_dir)
     except ShardFormatError as e:
         raise DataError(str(e)) from e
-    if d.missing:  # train on the rest; the loss is reported (and an empty remainder is an error below)
-        log.warning("%d of %d tars listed in %s are missing, e.g. %s", len(d.missing), len(d.shards),
-                    d.root / MANIFEST, [str(s.tar) for s in d.missing[:3]])
+    present, missing = [], []
+    for shard in d.shards:  # one stat per tar
+        (present if shard.exists else missing).append(shard)
+    if missing:  # train on the rest; the loss is reported (and an empty remainder is an error below)
+        log.warning("%d of %d tars listed in %s are missing, e.g. %s", len(missing), len(d.shards),
+                    d.root / MANIFEST, [str(s.tar) for s in missing[:3]])
     counts = [(str(s.tar), s.num_samples if s.num_samples is not None else count_tar_samples(s.tar))
-              for s in d.present]
+              for s in present]
     tars = [t for t, n in counts if n > 0]
     num_samples = sum(n for _, n in counts)
     if not tars or num_samples <= 0:
         raise DataError(f"no samples in {d.root} ({len(tars)} tars, {num_samples} samples)")
     if weight is not None and weight <= 0:
         raise DataError(f"source weight must be > 0, got {weight} for {d.root}")
-    return ShardSet(tars, num_samples, str(d.root), weight, missing_tars=len(d.missing))
+    return ShardSet(tars, num_samples, str(d.root), weight, missing_tars=len(missing))
 
 
 def read_sources(dirs: list[str] | str, weights: list[float] | None = None) -> list[ShardSet]:
