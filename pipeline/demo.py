@@ -76,7 +76,8 @@ def _data_stages(cfg: DemoConfig, d: dict, timings: dict) -> None:
     try:
         _stage("crawl", lambda: crawl.main([str(d["web"] / "urls.parquet"), str(d["crawl"]), "--samples-per-shard",
                                             str(cfg.crawl_samples_per_shard), "--image-size", "128",
-                                            "--thread-count", "32", "--timeout", "5"]), timings)
+                                            "--thread-count", "32", "--timeout", "5",
+                                            "--allow-private-addresses"]), timings)  # the sample web: 127.0.0.1
     finally:
         server.shutdown()
     _stage("filter", lambda: filt.main([str(d["crawl"]), str(d["filter"])]), timings)

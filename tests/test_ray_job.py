@@ -70,7 +70,8 @@ def test_crawl_runs_as_a_ray_job(ray_cluster, tmp_path, free_port):
         out = tmp_path / "crawl"
         cmd = [str(bin_dir / "ray"), "job", "submit", "--address", api, "--submission-id", f"crawl-{cfg.port}",
                "--working-dir", str(ROOT), "--", "python", "-m", "pipeline.crawl",
-               str(tmp_path / "web" / "urls.parquet"), str(out), "--samples-per-shard", "100"]
+               str(tmp_path / "web" / "urls.parquet"), str(out), "--samples-per-shard", "100",
+               "--allow-private-addresses"]
         for _ in range(30):  # the job API answers before the head's agent has registered: retry that case only
             job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
             if "No available agent" not in job.stderr + job.stdout:

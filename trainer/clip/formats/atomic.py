@@ -7,7 +7,8 @@ most a `.NAME.*.tmp` file, which no reader looks at. `durable=False` skips both 
 rewrites anyway), keeping the all-or-nothing rename.
 
 Owns: atomic_write (any writer that takes a path: pyarrow, faiss, safetensors, torch.save), atomic_open (a file
-object, for streaming writers such as a tar), atomic_write_bytes / _text / _json, read_json.
+object, for streaming writers such as a tar), atomic_write_bytes / _text / _json, move_into_place (files another
+library wrote in a scratch dir, committed one by one), read_json.
 """
 from __future__ import annotations
 
@@ -89,6 +90,23 @@ def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> Path
 def atomic_write_json(path: str | Path, obj, durable: bool = True) -> Path:
     """Pretty-printed JSON with a trailing newline."""
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n", durable=durable)
+
+
+def move_into_place(pairs: list[tuple[str | Path, str | Path]], durable: bool = True,
+                    between: Callable[[int], object] | None = None) -> None:
+    """Commit finished files (src, dst): fsync each, os.replace into place, fsync the target dirs. Each file
+    appears whole or not at all; callers write their completion marker after this returns. `between(i)` runs
+    after the i-th move (a fault-injection hook for tests)."""
+    for i, (src, dst) in enumerate(pairs):
+        if durable:
+            _fsync_path(src)
+        os.chmod(src, FILE_MODE)
+        os.replace(src, dst)
+        if between is not None:
+            between(i)
+    if durable:
+        for d in {Path(dst).parent for _, dst in pairs}:
+            _fsync_path(d, directory=True)
 
 
 def read_json(path: str | Path):

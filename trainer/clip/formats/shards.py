@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from trainer.clip.formats.atomic import atomic_open, atomic_write_json, read_json
 from trainer.clip.formats.crawl import stats_path
+from trainer.clip.formats.tars import TarSink
 
 SHARDS_FORMAT = "clipforge.shards.v1"
 MANIFEST = "manifest.json"
@@ -113,16 +114,12 @@ def count_tar_samples(path: str | Path) -> int:
 
 def write_tar(path: str | Path, samples: Iterable[dict], durable: bool = True) -> int:
     """Write samples ({"__key__": key, ext: bytes | str | dict (-> JSON)}) as one tar, atomically; -> count."""
-    import webdataset as wds
-
-    n = 0
     with atomic_open(path, "wb", durable=durable) as f:
-        sink = wds.TarWriter(f, mtime=0)  # mtime 0: the same samples give the same bytes
+        sink = TarSink(f)  # mtime 0: the same samples give the same bytes
         for sample in samples:
             sink.write(sample)
-            n += 1
         sink.close()  # closes the tar stream, not f
-    return n
+    return sink.count
 
 
 # ----------------------------------------------------------------------------------------------- shard dirs

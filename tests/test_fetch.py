@@ -1,0 +1,146 @@
+"""pipeline.fetch + pipeline.crawl_shard.probe against the hostile web (tests/hostile_web.py): every way a URL can
+go wrong ends in its error class, within the deadline and the caps; address policy, user agent, per-host limits."""
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from hostile_web import HostileWeb
+
+from pipeline.crawl_shard import probe
+from pipeline.fetch import ERROR_CLASSES, FetchConfig, FetchError, HostLimits, fetch, opted_out
+
+CFG = FetchConfig(timeout=3, max_body_bytes=4 * 2**20, allow_private_addresses=True)
+
+
+def classify(url: str, cfg: FetchConfig = CFG) -> tuple[str, str]:
+    got = fetch(url, cfg, HostLimits(cfg.per_host_concurrency, cfg.per_host_rate))
+    if not got.ok:
+        return got.error_class, got.message
+    try:
+        info = probe(got, cfg.max_pixels)
+    except FetchError as e:
+        return e.error_class, str(e)
+    return "success", f"{info['format']} {info['width']}x{info['height']}"
+
+
+@pytest.fixture(scope="module")
+def web():
+    with HostileWeb(drip_seconds=30) as w:
+        yield w
+
+
+def test_every_hostile_case_gets_its_class(web):
+    cases = web.cases()
+    assert {c["expect"] for c in cases} - {"success"} <= set(ERROR_CLASSES)
+    got = {c["url"]: classify(c["url"]) for c in cases}
+    wrong = {url: (c["expect"], got[url]) for url, c in zip(got, cases) if got[url][0] != c["expect"]}
+    assert not wrong
+
+
+def test_the_drip_is_cut_at_the_deadline(web):
+    t0 = time.monotonic()
+    cls, msg = classify(web.url("drip.jpg"), FetchConfig(timeout=2, allow_private_addresses=True))
+    elapsed = time.monotonic() - t0
+    assert cls == "timeout" and 1.9 <= elapsed < 3.0, (cls, msg, elapsed)
+
+
+def test_big_bodies_stop_at_the_cap_while_streaming(web):
+    cfg = FetchConfig(timeout=10, max_body_bytes=2**20, allow_private_addresses=True)
+    cls, msg = classify(web.url("big-chunked.jpg"), cfg)  # no Content-Length: only the streaming cap can stop it
+    assert cls == "too_large" and "while streaming" in msg
+    cls, msg = classify(web.url("big.jpg"), cfg)  # a Content-Length over the cap: refused before the body
+    assert cls == "too_large" and "Content-Length" in msg
+
+
+def test_private_and_metadata_addresses_are_refused_by_default(web):
+    strict = FetchConfig(timeout=2)
+    before = web.requests["/ok.jpg"]
+    for url in (web.url("ok.jpg"), f"http://localhost:{web.port}/ok.jpg", "http://169.254.169.254/latest/meta-data/",
+                "http://10.1.2.3/a.jpg", "http://[::1]/a.jpg", "http://[::ffff:127.0.0.1]/a.jpg", "http://0.0.0.0/"):
+        assert classify(url, strict)[0] == "private_address", url
+    assert web.requests["/ok.jpg"] == before  # refused before connecting
+    assert classify(web.url("ok.jpg"))[0] == "success"  # allowed with allow_private_addresses
+
+
+def test_redirect_limit_counts_hops(web):
+    assert classify(web.url("redirect/0"), FetchConfig(max_redirects=3, allow_private_addresses=True))[0] == \
+        "too_many_redirects"
+    before = web.requests["/redirect/0"]
+    classify(web.url("redirect/0"), FetchConfig(max_redirects=2, allow_private_addresses=True))
+    assert web.requests["/redirect/0"] == before + 1 and web.requests["/redirect/2"] >= 1
+
+
+def test_opt_out_parsing():
+    from email.message import Message
+
+    def headers(*values):
+        m = Message()
+        for v in values:
+            m["X-Robots-Tag"] = v
+        return m
+
+    assert opted_out(headers("noai"), "clipforge") == "noai"
+    assert opted_out(headers("otherbot: noimageai"), "clipforge") is None
+    assert opted_out(headers("clipforge: noimageindex, nofollow"), "clipforge")
+    assert opted_out(headers("nofollow", "noarchive"), "clipforge") is None
+    assert classify("http://127.0.0.1:1/x.jpg", FetchConfig(timeout=2, allow_private_addresses=True))[0] == \
+        "network_error"
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Records user agents and the most requests in flight at once; each answer takes 0.2 s."""
+    agents, lock, active, peak = [], threading.Lock(), [0], [0]
+
+    def do_GET(self):
+        with self.lock:
+            self.agents.append(self.headers.get("User-Agent"))
+            self.active[0] += 1
+            self.peak[0] = max(self.peak[0], self.active[0])
+        time.sleep(0.2)
+        with self.lock:
+            self.active[0] -= 1
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_user_agent_and_per_host_concurrency():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = FetchConfig(timeout=10, per_host_concurrency=2, contact="mailto:crawl@example.org",
+                          user_agent_token="examplebot", allow_private_addresses=True)
+        limits = HostLimits(cfg.per_host_concurrency, cfg.per_host_rate)
+        url = f"http://127.0.0.1:{server.server_port}/x.jpg"
+        threads = [threading.Thread(target=fetch, args=(url, cfg, limits)) for _ in range(8)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert _Recorder.peak[0] == 2 and time.monotonic() - t0 >= 0.75  # 8 requests, 2 at a time, 0.2 s each
+        assert set(_Recorder.agents) == {"clipforge/0.1 (+mailto:crawl@example.org; examplebot)"}
+        rated = FetchConfig(timeout=10, per_host_rate=5, allow_private_addresses=True)
+        limits = HostLimits(16, rated.per_host_rate)
+        threads = [threading.Thread(target=fetch, args=(url, rated, limits)) for _ in range(5)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert time.monotonic() - t0 >= 0.8 + 0.2 - 0.05  # 5 starts 0.2 s apart, the last answer takes 0.2 s
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError):
+        FetchConfig(timeout=0)
+    with pytest.raises(ValueError):
+        FetchConfig(per_host_concurrency=0)
