@@ -3,8 +3,8 @@
     fetch(url, FetchConfig(), limits) -> Fetched(body | None, error_class | None, message, ...)
 
 Bounds, all enforced here rather than trusted to the server:
-- a total deadline per URL (DNS aside: connect + TLS + headers + body, across every redirect hop). A watchdog
-  thread shuts the socket down at the deadline, so a server that drips a byte a second is cut on time (a plain
+- a total deadline per URL (DNS + connect + TLS + headers + body, across every redirect hop). A watchdog
+  thread shuts the socket down at the deadline and DNS lookups are waited for only until it, so a server that drips a byte a second is cut on time (a plain
   socket timeout is per read and never fires on a drip);
 - a body-size cap enforced while streaming (a Content-Length above it is refused before reading a byte);
 - a redirect limit, each hop re-checked like the first URL;
@@ -36,8 +36,9 @@ from urllib.parse import urljoin, urlsplit
 from trainer.clip.flags import opt
 
 VERSION = "0.1"
-ERROR_CLASSES = ("invalid_input", "invalid_url", "private_address", "dns_error", "network_error", "timeout", "http_error",
-                 "too_many_redirects", "opt_out", "too_large", "not_image", "too_many_pixels", "decode_error")
+ERROR_CLASSES = ("invalid_input", "invalid_url", "private_address", "dns_error", "network_error", "timeout",
+                 "http_error", "too_many_redirects", "opt_out", "too_large", "not_image", "too_many_pixels",
+                 "decode_error")
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 REDIRECTS = (301, 302, 303, 307, 308)
 RETRYABLE = ("timeout", "network_error", "dns_error")
@@ -143,7 +144,8 @@ class Watchdog:
 
 
 class HostLimits:
-    """Per-host concurrency (a semaphore per host) and optional rate (minimum spacing of request starts)."""
+    """What the fetch threads of one process share: per-host concurrency (a semaphore per host), optional per-host
+    rate (minimum spacing of request starts), the socket watchdog and the DNS resolver."""
 
     def __init__(self, concurrency: int, rate: float):
         self._sems: dict[str, threading.BoundedSemaphore] = defaultdict(lambda: threading.BoundedSemaphore(concurrency))
@@ -151,6 +153,7 @@ class HostLimits:
         self._lock = threading.Lock()
         self._gap = 1.0 / rate if rate > 0 else 0.0
         self.watchdog = Watchdog()
+        self.resolver = Resolver()
 
     @contextmanager
     def slot(self, host: str, deadline: float) -> Iterator[None]:
@@ -196,12 +199,44 @@ def _refused(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-def resolve(host: str, port: int, allow_private: bool) -> tuple[int, str]:
+class Resolver:
+    """getaddrinfo with a deadline and a per-process cache. The system resolver cannot be interrupted, so lookups
+    run on a small pool and the caller stops waiting at its deadline (a hung lookup costs a pool thread, not the
+    crawl); answers are kept `ttl_s` seconds, failures `ttl_s / 10`, so a list with many URLs per host resolves
+    each host once."""
+
+    def __init__(self, workers: int = 16, ttl_s: float = 300.0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="dns")
+        self._cache: dict[tuple[str, int], tuple[float, list | BaseException]] = {}
+        self._lock = threading.Lock()
+        self.ttl = ttl_s
+
+    def lookup(self, host: str, port: int, deadline: float) -> list:
+        from concurrent.futures import TimeoutError as Late
+
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get((host, port))
+        if hit is None or hit[0] < now:
+            future = self._pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+            try:
+                hit = (now + self.ttl, future.result(timeout=max(0.0, deadline - now)))
+            except Late:
+                raise FetchError("timeout", f"DNS lookup of {host!r} passed the deadline") from None
+            except (OSError, UnicodeError) as e:
+                hit = (now + self.ttl / 10, e)
+            with self._lock:
+                self._cache[(host, port)] = hit
+        if isinstance(hit[1], BaseException):
+            raise FetchError("dns_error", f"cannot resolve {host!r}: {hit[1]}")
+        return hit[1]
+
+
+def resolve(host: str, port: int, allow_private: bool, resolver: Resolver, deadline: float) -> tuple[int, str]:
     """-> (address family, the first acceptable address of host), or FetchError(dns_error / private_address)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise FetchError("dns_error", f"cannot resolve {host!r}: {e}") from None
+    infos = resolver.lookup(host, port, deadline)
     for family, _, _, _, sockaddr in infos:
         ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
         if allow_private or not _refused(ip):
@@ -224,9 +259,10 @@ def opted_out(headers: http.client.HTTPMessage, token: str) -> str | None:
 _TLS = ssl.create_default_context()
 
 
-def _open(host: str, port: int, deadline: float, cfg: FetchConfig) -> tuple[socket.socket, str]:
+def _open(host: str, port: int, deadline: float, cfg: FetchConfig, resolver: Resolver
+          ) -> tuple[socket.socket, str]:
     """A not yet connected socket for a checked address of host."""
-    family, ip = resolve(host, port, cfg.allow_private_addresses)
+    family, ip = resolve(host, port, cfg.allow_private_addresses, resolver, deadline)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise FetchError("timeout", "deadline passed during DNS resolution")
@@ -239,7 +275,7 @@ def _request(url: str, cfg: FetchConfig, limits: HostLimits, deadline: float) ->
     """One hop: -> (status, headers, body or None for a redirect, location)."""
     scheme, host, port, path = _target(url)
     with limits.slot(host, deadline):
-        sock, ip = _open(host, port, deadline, cfg)
+        sock, ip = _open(host, port, deadline, cfg, limits.resolver)
         with limits.watchdog.watch(sock, deadline) as guard:
             try:
                 sock.connect((ip, port))

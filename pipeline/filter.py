@@ -21,7 +21,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from trainer.clip.formats.crawl import complete_shards
+from trainer.clip.formats.crawl import CRAWL_COLUMNS, carried_fields, complete_shards
 from trainer.clip.flags import CLI, opt, run_main
 from trainer.clip.formats.decisions import DECISIONS, write_decisions
 
@@ -92,11 +92,11 @@ def run(cfg: FilterConfig) -> dict:
     if not files:
         raise FileNotFoundError(f"no complete crawl shards (*_stats.json + .parquet) in {cfg.crawl_dir!r}")
     con = duckdb.connect()
-    cols = "key, url, caption, status, error_message, width, height, original_width, original_height, sha256"
-    rows = con.sql(
-        f"SELECT {cols}, regexp_replace(filename, '^.*/|\\.parquet$', '', 'g') || '.tar' AS shard "
-        f"FROM read_parquet(?, filename=true, union_by_name=true) ORDER BY key", params=[files]).to_arrow_table()
-    rows = rows.to_pylist()
+    table = con.sql(
+        "SELECT * EXCLUDE (filename), regexp_replace(filename, '^.*/|\\.parquet$', '', 'g') || '.tar' AS shard "
+        "FROM read_parquet(?, filename=true, union_by_name=true) ORDER BY key", params=[files]).to_arrow_table()
+    carried = carried_fields(table.schema, (*CRAWL_COLUMNS, "shard"))  # the input's extra columns, kept
+    rows = table.to_pylist()
     for r in rows:
         verdict = decide(r, cfg)
         r["keep"] = verdict is None
@@ -120,7 +120,7 @@ def run(cfg: FilterConfig) -> dict:
             counts[r["reason"]] += 1
     manifest = {"config": asdict(cfg), "crawl_dir": os.path.abspath(cfg.crawl_dir), "input_rows": len(rows),
                 "kept": sum(r["keep"] for r in rows), "dropped": counts}
-    manifest = write_decisions(cfg.output_dir, rows, manifest)
+    manifest = write_decisions(cfg.output_dir, rows, manifest, carried)
     return manifest
 
 

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from pipeline.common import init_ray
 from trainer.clip.flags import CLI, opt, require, run_main
 from trainer.clip.formats.atomic import atomic_write
-from trainer.clip.formats.decisions import decisions_path, read_filter_manifest
+from trainer.clip.formats.crawl import carried_fields
+from trainer.clip.formats.decisions import DECISIONS_SCHEMA, decisions_path, read_filter_manifest
 from trainer.clip.formats.shards import MANIFEST, SAMPLE_SCHEMA, iter_tar_samples, shard_name, write_manifest, write_tar
 
 @dataclass
@@ -52,8 +53,10 @@ class ShardConfig:
 
 def plan(cfg: ShardConfig) -> list[list[dict]]:
     """Kept rows, sorted by key, cut into output shards."""
-    table = pq.read_table(decisions_path(cfg.filter_dir),
-                          columns=["key", "url", "caption", "shard", "width", "height", "sha256", "keep"])
+    schema = pq.read_schema(decisions_path(cfg.filter_dir))
+    columns = ["key", "url", "caption", "shard", "width", "height", "sha256", "keep",
+               *(f.name for f in carried_fields(schema, DECISIONS_SCHEMA.names))]
+    table = pq.read_table(decisions_path(cfg.filter_dir), columns=columns)
     rows = sorted((r for r in table.to_pylist() if r["keep"]), key=lambda r: r["key"])
     n = cfg.samples_per_shard
     return [rows[i:i + n] for i in range(0, len(rows), n)]
@@ -71,7 +74,7 @@ def _read_members(tar_path: str, wanted: set[str], ext: str) -> dict[str, bytes]
     return found
 
 
-def write_shard(cfg_dict: dict, crawl_dir: str, idx: int, rows: list[dict]) -> dict:
+def write_shard(cfg_dict: dict, crawl_dir: str, idx: int, rows: list[dict], carried: list) -> dict:
     """Write one output shard (runs as a Ray task). Returns its manifest entry."""
     cfg = ShardConfig(**cfg_dict)
     out = Path(cfg.output_dir)
@@ -91,11 +94,12 @@ def write_shard(cfg_dict: dict, crawl_dir: str, idx: int, rows: list[dict]) -> d
     for src, keys in sorted(by_src.items()):
         images.update(_read_members(os.path.join(crawl_dir, src), keys, cfg.image_ext))
 
-    written = [{k: r[k] for k in SAMPLE_SCHEMA.names} for r in rows if r["key"] in images]
+    schema = pa.schema([*SAMPLE_SCHEMA, *carried])  # the crawl input's extra columns ride along
+    written = [{k: r[k] for k in schema.names} for r in rows if r["key"] in images]
     write_tar(tar_path, ({"__key__": m["key"], cfg.image_ext: images[m["key"]], "txt": m["caption"] or "",
                           "json": json.dumps(m).encode()} for m in written))
     missing = len(rows) - len(written)
-    table = pa.Table.from_pylist(written, schema=SAMPLE_SCHEMA).replace_schema_metadata({"missing": str(missing)})
+    table = pa.Table.from_pylist(written, schema=schema).replace_schema_metadata({"missing": str(missing)})
     atomic_write(pq_path, lambda tmp: pq.write_table(table, tmp))  # the completion marker, after the tar
     return {"tar": tar_path.name, "parquet": pq_path.name, "num_samples": len(written), "missing": missing,
             "skipped_existing": False}
@@ -113,7 +117,8 @@ def run(cfg: ShardConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ray = init_ray(cfg.ray_address)
     task = ray.remote(write_shard)
-    entries = ray.get([task.remote(asdict(cfg), crawl_dir, i, rows) for i, rows in enumerate(shards)])
+    carried = carried_fields(pq.read_schema(decisions_path(cfg.filter_dir)), DECISIONS_SCHEMA.names)
+    entries = ray.get([task.remote(asdict(cfg), crawl_dir, i, rows, carried) for i, rows in enumerate(shards)])
     return write_manifest(out, [{k: e[k] for k in ("tar", "parquet", "num_samples")} for e in entries],
                           missing=sum(e["missing"] for e in entries),
                           source={"filter_dir": os.path.abspath(cfg.filter_dir), "crawl_dir": os.path.abspath(crawl_dir)},

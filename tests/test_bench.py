@@ -14,7 +14,8 @@ def _load(name):
     return mod
 
 
-def test_bench_crawl_tiny(ray_local, tmp_path):
-    r = _load("bench_crawl").run(max_emoji=30, variants=1, samples_per_shard=50, threads=8, workdir=str(tmp_path))
-    assert r["img2dataset"]["ok"] == r["clipforge"]["ok"] == r["rows"] - 4  # 404, opt-out, html, truncated
-    assert r["ratio"] > 0
+def test_bench_crawl_tiny(tmp_path):
+    r = _load("bench_crawl").run(n_urls=200, runs=1, slow=0.01, failing=0.05, workdir=str(tmp_path))
+    ok = r["kinds"]["ok"] + r["kinds"]["slow"]
+    assert r["img2dataset"]["images"] == r["clipforge"]["images"] == ok  # the same list, the same successes
+    assert r["ratio"] > 0 and r["clipforge"]["peak_rss_mb"] > 0

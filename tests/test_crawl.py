@@ -160,3 +160,23 @@ def test_a_shard_that_fails_every_attempt_is_reported_with_its_cause(web, tmp_pa
     monkeypatch.delenv("CLIPFORGE_CRAWL_FAULT")
     assert crawl.main([str(tmp_path / "urls.parquet"), str(out), "--samples-per-shard", "10", *LOCAL]) == 0
     assert_exactly_once(out, urls)
+
+
+def test_extra_columns_reach_the_training_shards(web, tmp_path, ray_local):
+    from pipeline import filter as filt
+    from pipeline import shard
+
+    rows = [{"url": web.url(f"ok.jpg?x={i}"), "caption": f"a photo number {i}", "license": f"cc-by-{i}",
+             "score": i / 10} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
+    assert crawl.main([str(tmp_path / "urls.parquet"), str(tmp_path / "c"), "--samples-per-shard", "3", *LOCAL]) == 0
+    assert filt.main([str(tmp_path / "c"), str(tmp_path / "f"), "--min-image-side", "8", "--no-dedup"]) == 0
+    assert shard.main([str(tmp_path / "f"), str(tmp_path / "s")]) == 0
+    decisions = pq.read_table(tmp_path / "f" / "decisions.parquet").to_pylist()
+    assert {(d["url"], d["license"], d["score"]) for d in decisions} == {(r["url"], r["license"], r["score"])
+                                                                          for r in rows}
+    samples = pq.read_table(tmp_path / "s" / "shard-00000.parquet").to_pylist()
+    assert {(s["url"], s["license"]) for s in samples} == {(r["url"], r["license"]) for r in rows}
+    with tarfile.open(tmp_path / "s" / "shard-00000.tar") as t:
+        meta = json.loads(t.extractfile(next(n for n in t.getnames() if n.endswith(".json"))).read())
+    assert meta["license"].startswith("cc-by-") and isinstance(meta["score"], float)

@@ -144,3 +144,28 @@ def test_config_is_validated():
         FetchConfig(timeout=0)
     with pytest.raises(ValueError):
         FetchConfig(per_host_concurrency=0)
+
+
+def test_dns_lookups_obey_the_deadline_and_are_cached(monkeypatch):
+    import socket
+
+    from pipeline.fetch import Resolver
+
+    real, calls = socket.getaddrinfo, []
+
+    def slow(host, *a, **k):
+        calls.append(host)
+        if host == "hung.example":
+            time.sleep(3)
+        return real("127.0.0.1", *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    cfg = FetchConfig(timeout=1, allow_private_addresses=True)
+    limits = HostLimits(4, 0)
+    t0 = time.monotonic()
+    got = fetch("http://hung.example:1/x.jpg", cfg, limits)
+    assert got.error_class == "timeout" and "DNS" in got.message and time.monotonic() - t0 < 1.5
+    r = Resolver()
+    for _ in range(3):
+        r.lookup("cached.example", 80, time.monotonic() + 5)
+    assert calls.count("cached.example") == 1

@@ -50,7 +50,7 @@ def ray_cluster(tmp_path, free_port):
     else:
         pytest.fail("ray head did not come up in 120 s")
     try:
-        yield api, env, bin_dir
+        yield api, env, bin_dir, gcs
     finally:  # stop only this cluster: its whole process group, never a machine-wide `ray stop`
         try:
             os.killpg(head.pid, signal.SIGTERM)
@@ -61,7 +61,7 @@ def ray_cluster(tmp_path, free_port):
 
 
 def test_crawl_runs_as_a_ray_job(ray_cluster, tmp_path, free_port):
-    api, env, bin_dir = ray_cluster
+    api, env, bin_dir, gcs = ray_cluster
     cfg = sampleweb.SampleWebConfig.tiny()
     cfg.port = free_port()
     summary = sampleweb.build(tmp_path / "web", cfg)
@@ -86,13 +86,80 @@ def test_crawl_runs_as_a_ray_job(ray_cluster, tmp_path, free_port):
     assert m["totals"]["success"] == summary["rows"] - 4  # 404, not an image, truncated, opt-out
 
 
+def _start_worker_node(head_gcs: int, env: dict, bin_dir: Path, log: Path, free_port) -> subprocess.Popen:
+    """A second Ray node on this machine (its own ports), joined to the head; its own process group."""
+    cmd = [str(bin_dir / "ray"), "start", "--address", f"127.0.0.1:{head_gcs}", "--node-ip-address", "127.0.0.1",
+           "--num-cpus", "2", "--block", "--disable-usage-stats"]
+    for flag in ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"):
+        cmd += [flag, str(free_port())]
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+
+
+def _raylet(pid: int):
+    import psutil
+
+    kids = psutil.Process(pid).children(recursive=True)
+    return next((k for k in kids if k.name() == "raylet" or "raylet" in " ".join(k.cmdline()[:1])), None)
+
+
+def test_crawl_job_spans_two_nodes_and_survives_losing_one(ray_cluster, tmp_path, free_port):
+    """`ray job submit -- python -m pipeline.crawl` on a head + a worker node: shards land on both nodes; killing
+    the worker node's raylet mid-job still ends with every row exactly once (its shards are redone on the head)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from hostile_web import HostileWeb
+    from test_crawl import assert_exactly_once
+
+    from trainer.clip.formats.crawl import complete_shards, read_marker
+
+    api, env, bin_dir, gcs = ray_cluster
+    worker = _start_worker_node(gcs, env, bin_dir, tmp_path / "worker.log", free_port)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and _raylet(worker.pid) is None:
+            time.sleep(1)
+        raylet = _raylet(worker.pid)
+        assert raylet is not None, (tmp_path / "worker.log").read_text()[-3000:]
+        time.sleep(5)  # the node registers with the head
+        with HostileWeb() as web:
+            urls = [web.url(f"ok.jpg?row={i}") for i in range(400)]
+            pq.write_table(pa.table({"url": urls, "caption": [f"row {i}" for i in range(400)]}),
+                           tmp_path / "urls.parquet")
+            out = tmp_path / "crawl"
+            cmd = [str(bin_dir / "ray"), "job", "submit", "--address", api, "--submission-id", f"crawl2-{web.port}",
+                   "--working-dir", str(ROOT), "--", "python", "-m", "pipeline.crawl", str(tmp_path / "urls.parquet"),
+                   str(out), "--samples-per-shard", "20", "--per-host-rate", "15", "--thread-count", "4",
+                   "--retry-backoff-s", "0.5", "--allow-private-addresses"]
+            job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            nodes: set = set()
+            deadline = time.time() + 240
+            while time.time() < deadline and len(nodes) < 2 and job.poll() is None:
+                nodes = {read_marker(s.stats)["node_id"] for s in complete_shards(out)} if out.exists() else set()
+                time.sleep(0.2)
+            assert len(nodes) == 2, "no shard committed on both nodes before the job ended"
+            done_before_kill = len(complete_shards(out))
+            raylet.kill()  # the worker node is lost mid-job
+            log, _ = job.communicate(timeout=300)
+        assert job.returncode == 0, log[-4000:]
+        assert done_before_kill < 20
+        assert_exactly_once(out, urls)
+        m = json.loads((out / CRAWL_MANIFEST).read_text())
+        assert len({s["node_id"] for s in m["shards"]}) == 2 and len(m["shards"]) == 20
+    finally:
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_train_job_sh_runs_ray_train_as_a_ray_job(ray_cluster, tmp_path):
     """infra/ray/train_job.sh against the cluster: `ray job submit -- python -m trainer.ray_launch` runs
     trainer.train on 2 Ray Train workers (CPU, gloo) inside the job; rank 0 writes the run dir."""
     from helpers import write_shards
     from trainer.clip.checkpoint import load_model
 
-    api, env, bin_dir = ray_cluster
+    api, env, bin_dir, gcs = ray_cluster
     shards = write_shards(tmp_path / "shards", n_shards=2, per_shard=8, size=32)
     out = tmp_path / "run"
     env = {**env, "RAY_API_SERVER_ADDRESS": api, "RAY_LAUNCH_FLAGS": "--cpus-per-worker 1"}

@@ -31,6 +31,14 @@ CRAWL_FORMAT = "clipforge.crawl.v1"
 CRAWL_MANIFEST = "_clipforge/crawl_manifest.json"
 CRAWL_PLAN = "_clipforge/crawl_plan.json"
 CRAWL_TMP = "_clipforge/tmp"
+# the crawl's own parquet columns; any other column is an input column the crawl carried (every later stage keeps it)
+CRAWL_COLUMNS = ("url", "caption", "key", "status", "error_message", "error_class", "width", "height",
+                 "original_width", "original_height", "exif", "sha256")
+
+
+def carried_fields(schema, own=CRAWL_COLUMNS) -> list:
+    """The fields of `schema` that are carried input columns (not in `own`)."""
+    return [f for f in schema if f.name not in own]
 STATS_SUFFIX = "_stats.json"
 
 

@@ -25,13 +25,14 @@ DECISIONS_SCHEMA = pa.schema([
 ])
 
 
-def write_decisions(filter_dir: str | Path, rows: list[dict], manifest: dict) -> dict:
-    """decisions.parquet from `rows` (dicts with DECISIONS_SCHEMA's columns), then filter_manifest.json."""
+def write_decisions(filter_dir: str | Path, rows: list[dict], manifest: dict, carried: list | tuple = ()) -> dict:
+    """decisions.parquet from `rows` (dicts with DECISIONS_SCHEMA's columns, then the crawl's carried input
+    columns `carried`: pyarrow fields), then filter_manifest.json."""
     import pyarrow.parquet as pq
 
     out = Path(filter_dir)
-    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in DECISIONS_SCHEMA} for r in rows],
-                                 schema=DECISIONS_SCHEMA)
+    schema = pa.schema([*DECISIONS_SCHEMA, *carried])
+    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
     atomic_write(out / DECISIONS, lambda tmp: pq.write_table(table, tmp))
     manifest = {"format": FILTER_FORMAT, **manifest, "decisions": DECISIONS}
     atomic_write_json(out / FILTER_MANIFEST, manifest)
