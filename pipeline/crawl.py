@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -159,8 +160,6 @@ def load_plan(cfg: CrawlConfig, files: list[InputFile]) -> dict:
 
 def tidy(root: Path, done: set[int]) -> int:
     """Delete what a killed run left: scratch dirs, temp files, shard files without a valid marker. -> files removed."""
-    import shutil
-
     removed = 0
     shutil.rmtree(root / CRAWL_TMP, ignore_errors=True)
     for p in [*root.glob(".*.tmp"), *(root / "_clipforge").glob(".*.tmp")]:
@@ -227,7 +226,8 @@ def run(cfg: CrawlConfig) -> dict:
     except BaseException as e:
         error = f"{type(e).__name__}: {e}"
         raise
-    finally:
+    finally:  # no task of this run is still running: scratch dirs left are those of attempts that died
+        shutil.rmtree(root / CRAWL_TMP, ignore_errors=True)
         manifest = summarize(cfg, plan, jobs, failed, error, t0)
         write_manifest(root, manifest)
     return manifest

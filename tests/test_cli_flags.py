@@ -37,7 +37,7 @@ PRINTED = {
     "sample-web": (["out", "--tiny", "--port", "9"], lambda c: c["web"]["port"] == 9 and c["web"]["max_emoji"] == 120),
     "serve-web": (["out"], lambda c: c["port"] is None),
     "crawl": (["u.parquet", "c", "--ignore-opt-out", "--save-additional-columns", "a", "b"],
-              lambda c: c["ignore_opt_out"] and c["save_additional_columns"] == ["a", "b"]),
+              lambda c: c["fetch"]["ignore_opt_out"] and c["save_additional_columns"] == ["a", "b"]),
     "filter": (["c", "f", "--no-dedup"], lambda c: c["dedup"] is False),
     "shard": (["f", "s", "--samples-per-shard", "7"], lambda c: c["samples_per_shard"] == 7),
     "train": (["--shards", "a", "b", "--out", "r", "--tiny", "--epochs", "3", "--no-grad-checkpointing"],

@@ -180,3 +180,19 @@ def test_extra_columns_reach_the_training_shards(web, tmp_path, ray_local):
     with tarfile.open(tmp_path / "s" / "shard-00000.tar") as t:
         meta = json.loads(t.extractfile(next(n for n in t.getnames() if n.endswith(".json"))).read())
     assert meta["license"].startswith("cc-by-") and isinstance(meta["score"], float)
+
+
+def test_the_manifest_is_written_when_the_run_raises(web, tmp_path, monkeypatch, ray_local):
+    urls = _ok_list(web, tmp_path, 10)
+
+    def boom(jobs, cfg, rows):
+        raise RuntimeError("the driver lost its cluster")
+
+    monkeypatch.setattr(crawl, "distribute", boom)
+    with pytest.raises(RuntimeError):
+        crawl.main([str(tmp_path / "urls.parquet"), str(tmp_path / "out"), *LOCAL])
+    m = json.loads((tmp_path / "out" / CRAWL_MANIFEST).read_text())
+    assert not m["complete"] and "lost its cluster" in m["error"] and m["failed_shards"][0]["type"] == "NotRun"
+    monkeypatch.undo()
+    assert crawl.main([str(tmp_path / "urls.parquet"), str(tmp_path / "out"), *LOCAL]) == 0
+    assert_exactly_once(tmp_path / "out", urls)
