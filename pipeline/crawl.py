@@ -117,7 +117,7 @@ def check_columns(files: list[dict], cfg: CrawlConfig) -> None:
         if f["format"] != "txt" and cfg.url_col not in f["columns"]:
             raise CrawlRefused(f"{f['url']} has no url column {cfg.url_col!r} (columns: {f['columns']})")
         missing = set(cfg.save_additional_columns or ()) - set(f["columns"])
-        if missing:
+        if missing and f["format"] != "txt":  # a TXT list has only URLs: it carries nothing
             raise CrawlRefused(f"{f['url']} lacks the --save-additional-columns {sorted(missing)}")
 
 
@@ -175,11 +175,12 @@ def tidy(root: Path, done: set[int]) -> int:
 # ------------------------------------------------------------------------------------------------ run
 def shard_jobs(plan: dict, cfg: CrawlConfig) -> list[ShardJob]:
     files = [InputFile(f["url"], f["format"], f["rows"]) for f in plan["files"]]
-    names = {f["url"]: extra_names(f["columns"], cfg) for f in plan["files"]}
+    names = {f["url"]: extra_names(f["columns"], cfg) if f["format"] != "txt" else {} for f in plan["files"]}
     extra = cfg.save_additional_columns
     return [ShardJob(spec=s, output_dir=os.path.abspath(cfg.output_dir), fingerprint=plan["fingerprint"],
                      samples_per_shard=cfg.samples_per_shard, url_col=cfg.url_col, caption_col=cfg.caption_col or None,
-                     extra_cols=list(names[s.file]) if extra is None else extra, fetch=cfg.fetch, image=cfg.image,
+                     extra_cols=list(names[s.file]) if extra is None or s.format == "txt" else extra,
+                     fetch=cfg.fetch, image=cfg.image,
                      thread_count=cfg.thread_count, driver_pid=os.getpid(), extra_names=names[s.file])
             for s in plan_shards(files, cfg.samples_per_shard)]
 
