@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -38,6 +37,7 @@ from pipeline.crawl_input import ShardSpec, read_rows  # noqa: E402
 from pipeline.fetch import FetchConfig, Fetched, FetchError, HostLimits, fetch  # noqa: E402
 from trainer.clip.flags import opt  # noqa: E402
 from trainer.clip.formats.atomic import atomic_write_json, move_into_place  # noqa: E402
+from trainer.clip.procinfo import peak_rss_bytes, rss_bytes  # noqa: E402
 from trainer.clip.formats.crawl import CRAWL_FORMAT, CRAWL_TMP, CrawlShardWriter, crawl_shard  # noqa: E402
 
 FAULT_ENV = "CLIPFORGE_CRAWL_FAULT"  # tests: "download:N" | "commit" | "raise:SHARD" (see fault()) | "manifest"
@@ -299,16 +299,11 @@ def _plain(v, arrow_type):
 
 
 def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except OSError:
-        return _peak_rss_mb()
+    return round(rss_bytes() / 2**20, 1)
 
 
 def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    return round(peak_rss_bytes() / 2**20, 1)
 
 
 def crawl_one(job: ShardJob) -> dict:

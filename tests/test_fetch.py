@@ -109,6 +109,14 @@ class _Recorder(BaseHTTPRequestHandler):
         pass
 
 
+def _concurrently(n: int, fn) -> None:
+    threads = [threading.Thread(target=fn) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_user_agent_and_per_host_concurrency():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -117,22 +125,13 @@ def test_user_agent_and_per_host_concurrency():
                           user_agent_token="examplebot", allow_private_addresses=True)
         limits = HostLimits(cfg.per_host_concurrency, cfg.per_host_rate)
         url = f"http://127.0.0.1:{server.server_port}/x.jpg"
-        threads = [threading.Thread(target=fetch, args=(url, cfg, limits)) for _ in range(8)]
         t0 = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _concurrently(8, lambda: fetch(url, cfg, limits))
         assert _Recorder.peak[0] == 2 and time.monotonic() - t0 >= 0.75  # 8 requests, 2 at a time, 0.2 s each
         assert set(_Recorder.agents) == {"clipforge/0.1 (+mailto:crawl@example.org; examplebot)"}
         rated = FetchConfig(timeout=10, per_host_rate=5, allow_private_addresses=True)
-        limits = HostLimits(16, rated.per_host_rate)
-        threads = [threading.Thread(target=fetch, args=(url, rated, limits)) for _ in range(5)]
-        t0 = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        limits, t0 = HostLimits(16, rated.per_host_rate), time.monotonic()
+        _concurrently(5, lambda: fetch(url, rated, limits))
         assert time.monotonic() - t0 >= 0.8 + 0.2 - 0.05  # 5 starts 0.2 s apart, the last answer takes 0.2 s
     finally:
         server.shutdown()

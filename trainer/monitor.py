@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from trainer.clip.configs import CLIPConfig, get_config
 from trainer.clip.formats.atomic import atomic_write_text
+from trainer.clip.procinfo import peak_rss_bytes
 
 PEAK_ENV, PROGRESS_ENV = "CLIPFORGE_PEAK_TFLOPS", "CLIPFORGE_PROGRESS"
 
@@ -107,8 +107,7 @@ def peak_memory_bytes(device=None) -> int:
     device = torch.device("cuda" if device is None and torch.cuda.is_available() else (device or "cpu"))
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    return peak_rss_bytes()
 
 
 _detect_peak = peak_tflops  # Monitor's argument of the same name shadows it
