@@ -36,7 +36,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via im
 
 from pipeline.common import init_ray  # noqa: E402
 from pipeline.crawl_input import InputFile, ShardSpec, column_names, count_rows, list_input_files, plan_shards  # noqa: E402,E501
-from pipeline.crawl_shard import OUTPUT_COLUMNS, ImageConfig, ShardJob, crawl_one  # noqa: E402
+from pipeline.crawl_shard import FAULT_ENV, OUTPUT_COLUMNS, ImageConfig, ShardJob, crawl_one  # noqa: E402
 from pipeline.distribute import DistributeConfig, Progress, run_tasks  # noqa: E402
 from pipeline.fetch import FetchConfig  # noqa: E402
 from trainer.clip.flags import CLI, opt, require, run_main, section  # noqa: E402
@@ -191,8 +191,6 @@ def distribute(jobs: list[ShardJob], cfg: CrawlConfig, rows: int) -> dict:
 
     import ray
 
-    from pipeline.crawl_shard import FAULT_ENV
-
     fault = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if os.environ.get(FAULT_ENV) else None  # tests
     task = ray.remote(crawl_one).options(num_cpus=cfg.distribute.cpus_per_task, max_retries=0,
                                          scheduling_strategy="SPREAD", runtime_env=fault)
@@ -235,8 +233,6 @@ def run(cfg: CrawlConfig) -> dict:
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    from pipeline.crawl_shard import FAULT_ENV
-
     if os.environ.get(FAULT_ENV) == "manifest":  # tests: a kill -9 while the manifest is being written
         from trainer.clip.formats.atomic import atomic_open
 
