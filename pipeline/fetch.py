@@ -4,8 +4,8 @@
 
 Bounds, all enforced here rather than trusted to the server:
 - a total deadline per URL (DNS + connect + TLS + headers + body, across every redirect hop). A watchdog
-  thread shuts the socket down at the deadline and DNS lookups are waited for only until it, so a server that drips a byte a second is cut on time (a plain
-  socket timeout is per read and never fires on a drip);
+  thread shuts the socket down at the deadline and DNS lookups are waited for only until it, so a server that
+  drips a byte a second is cut on time (a plain socket timeout is per read and never fires on a drip);
 - a body-size cap enforced while streaming (a Content-Length above it is refused before reading a byte);
 - a redirect limit, each hop re-checked like the first URL;
 - http and https only; the resolved address must be public unless `allow_private_addresses` (loopback, private,
@@ -15,7 +15,8 @@ Bounds, all enforced here rather than trusted to the server:
 - an identifiable user agent ("clipforge/VERSION (+CONTACT; TOKEN)"), and the X-Robots-Tag opt-out
   (noai, noimageai, noindex, noimageindex; for every agent or our token) checked on the headers, before the body.
 
-Every failure has a stable error class (ERROR_CLASSES) and the raw message; nothing raises out of fetch().
+Every failure has a stable error class (ERROR_CLASSES; a failed TLS handshake or certificate check is
+`tls_error`) and the raw message; nothing raises out of fetch().
 """
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ from urllib.parse import urljoin, urlsplit
 from trainer.clip.flags import opt
 
 VERSION = "0.1"
-ERROR_CLASSES = ("invalid_input", "invalid_url", "private_address", "dns_error", "network_error", "timeout",
-                 "http_error", "too_many_redirects", "opt_out", "too_large", "not_image", "too_many_pixels",
-                 "decode_error")
+ERROR_CLASSES = ("invalid_input", "invalid_url", "private_address", "dns_error", "network_error", "tls_error",
+                 "timeout", "http_error", "too_many_redirects", "opt_out", "too_large", "not_image",
+                 "too_many_pixels", "decode_error")
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 REDIRECTS = (301, 302, 303, 307, 308)
 RETRYABLE = ("timeout", "network_error", "dns_error")
@@ -326,6 +327,8 @@ def _classify(e: BaseException, deadline: float) -> FetchError:
         return e
     if late or isinstance(e, (TimeoutError, socket.timeout)):
         return FetchError("timeout", f"deadline reached ({type(e).__name__}: {e})")
+    if isinstance(e, ssl.SSLError):  # before ValueError: a failed certificate check is also a ValueError
+        return FetchError("tls_error", f"{type(e).__name__}: {e}")
     if isinstance(e, (http.client.InvalidURL, UnicodeError, ValueError)):
         return FetchError("invalid_url", f"{type(e).__name__}: {e}")
     return FetchError("network_error", f"{type(e).__name__}: {e}")

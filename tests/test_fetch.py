@@ -168,3 +168,86 @@ def test_dns_lookups_obey_the_deadline_and_are_cached(monkeypatch):
     for _ in range(3):
         r.lookup("cached.example", 80, time.monotonic() + 5)
     assert calls.count("cached.example") == 1
+
+
+def _self_signed(tmp_path):
+    """A key + certificate for 127.0.0.1 / localhost, valid for a day."""
+    x509 = pytest.importorskip("cryptography.x509")
+    import datetime
+    import ipaddress
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+class _Tls(BaseHTTPRequestHandler):
+    def do_GET(self):
+        import io
+
+        from PIL import Image
+
+        if self.path == "/drip.jpg":  # bounded: 10 bytes at most, one a second
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(10):
+                try:
+                    self.wfile.write(b"\xff")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(1)
+            return
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 24), "red").save(buf, "JPEG")
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(buf.getvalue())))
+        self.end_headers()
+        self.wfile.write(buf.getvalue())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_https_fetch_verifies_the_certificate_and_keeps_the_deadline(tmp_path, monkeypatch):
+    import ssl
+
+    import pipeline.fetch as fetch_mod
+
+    cert, key = _self_signed(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Tls)
+    server.daemon_threads = True
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"https://127.0.0.1:{server.server_port}"
+    cfg = FetchConfig(timeout=1.5, allow_private_addresses=True)
+    try:
+        cls, msg = classify(f"{base}/ok.jpg", cfg)
+        assert cls == "tls_error" and "CERTIFICATE_VERIFY_FAILED" in msg  # an untrusted certificate is refused
+        monkeypatch.setattr(fetch_mod, "_TLS", ssl.create_default_context(cafile=str(cert)))
+        assert classify(f"{base}/ok.jpg", cfg) == ("success", "JPEG 32x24")
+        t0 = time.monotonic()
+        assert classify(f"{base}/drip.jpg", cfg)[0] == "timeout" and time.monotonic() - t0 < 2.5
+    finally:
+        server.shutdown()
+        server.server_close()
