@@ -35,7 +35,8 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) must not phone home
 
 from pipeline.common import init_ray  # noqa: E402
-from pipeline.crawl_input import InputFile, ShardSpec, column_names, count_rows, list_input_files, plan_shards  # noqa: E402,E501
+from pipeline.crawl_input import (InputFile, ShardSpec, column_names, count_rows, file_size,  # noqa: E402
+                                  input_fingerprint, list_input_files, plan_shards)
 from pipeline.crawl_shard import FAULT_ENV, OUTPUT_COLUMNS, ImageConfig, ShardJob, crawl_one  # noqa: E402
 from pipeline.distribute import DistributeConfig, Progress, run_tasks  # noqa: E402
 from pipeline.fetch import FetchConfig  # noqa: E402
@@ -87,16 +88,9 @@ def _absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
-def _size(url: str) -> int:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    return int(fs.size(path) or 0)
-
-
 def _count_task(f: InputFile) -> dict:
     f = count_rows(f)
-    return {"url": f.url, "format": f.format, "rows": f.rows, "size": _size(f.url), "columns": column_names(f)}
+    return {"url": f.url, "format": f.format, "rows": f.rows, "size": f.size, "columns": column_names(f)}
 
 
 def count_files(files: list[InputFile], cfg: CrawlConfig) -> list[dict]:
@@ -138,7 +132,7 @@ def load_plan(cfg: CrawlConfig, files: list[InputFile]) -> dict:
     if path.exists():
         plan = read_json(path)
         if [{"url": f["url"], "format": f["format"]} for f in plan["files"]] != listing or \
-                any(_size(f["url"]) != f["size"] for f in plan["files"]):
+                any(file_size(f["url"]) != f["size"] for f in plan["files"]):
             raise CrawlRefused(f"{root} holds a crawl of a different input list ({len(plan['files'])} files, first "
                                f"{plan['files'][0]['url']}); use a new output dir")
         if plan["layout"] != json.loads(json.dumps(cfg.layout())):
@@ -151,7 +145,8 @@ def load_plan(cfg: CrawlConfig, files: list[InputFile]) -> dict:
     counted = count_files([InputFile(x["url"], x["format"]) for x in listing], cfg)
     check_columns(counted, cfg)
     body = {"files": counted, "layout": cfg.layout()}
-    fp = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    inputs = input_fingerprint([InputFile(f["url"], f["format"], f["rows"], f["size"]) for f in counted])
+    fp = hashlib.sha256((inputs + json.dumps(body["layout"], sort_keys=True)).encode()).hexdigest()[:16]
     plan = {"format": CRAWL_FORMAT, "fingerprint": fp, **body, "input_rows": sum(f["rows"] for f in counted),
             "created": time.time()}
     atomic_write_json(path, plan)

@@ -43,6 +43,7 @@ class InputFile:
     url: str  # fsspec URL or local path, exactly as fsspec.open accepts it
     format: str  # one of FORMATS
     rows: int = -1  # row count once counted
+    size: int = -1  # bytes, once counted
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ def _is_hidden(name: str) -> bool:
 
 
 def count_rows(f: InputFile) -> InputFile:
-    """Return f with rows set: Parquet from the footer; CSV/TSV streamed, header excluded; JSONL/TXT lines."""
+    """Return f with rows (and size) set: Parquet from the footer; CSV/TSV streamed, header excluded; JSONL/TXT
+    lines."""
     if f.format == "parquet":
         with fsspec.open(f.url, "rb") as fh:
             rows = pq.ParquetFile(fh).metadata.num_rows
@@ -142,7 +144,7 @@ def count_rows(f: InputFile) -> InputFile:
         rows = _count_csv(f)
     else:
         rows = sum(len(lines) for lines in _line_chunks(f.url))
-    return replace(f, rows=rows)
+    return replace(f, rows=rows, size=file_size(f.url))
 
 
 def _count_csv(f: InputFile) -> int:
@@ -182,12 +184,15 @@ def plan_shards(files: list[InputFile], samples_per_shard: int) -> list[ShardSpe
     return shards
 
 
+def file_size(url: str) -> int:
+    """The size in bytes of a file, local or behind any fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return int(fs.info(path)["size"])
+
+
 def input_fingerprint(files: list[InputFile]) -> str:
-    """sha256 hex of the sorted (url, format, rows, size in bytes) of every file."""
-    entries = []
-    for f in files:
-        fs, path = fsspec.core.url_to_fs(f.url)
-        entries.append([f.url, f.format, f.rows, int(fs.info(path)["size"])])
+    """sha256 hex of the sorted (url, format, rows, size in bytes) of every file (counted files: no I/O)."""
+    entries = [[f.url, f.format, f.rows, f.size if f.size >= 0 else file_size(f.url)] for f in files]
     entries.sort()
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
