@@ -17,7 +17,6 @@ import os
 import random
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +25,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from benchlib import timed  # noqa: E402
+
 HOSTS = [f"127.0.0.{i}" for i in range(2, 34)]
 PEER = """
 import sys
@@ -105,23 +107,6 @@ def url_list(path: Path, servers, n: int, slow: float, failing: float) -> dict:
         urls.append(f"http://{s.server_address[0]}:{s.server_address[1]}/{kind}/{i}.jpg")
     pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(n)]}), path)
     return kinds
-
-
-def timed(cmd: list[str], env: dict) -> tuple[float, float, int]:
-    """Run cmd; -> (wall s, peak RSS MB of its whole process tree, rc)."""
-    import psutil
-
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak, proc = 0.0, psutil.Process(p.pid)
-    while p.poll() is None:
-        try:
-            tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(x.memory_info().rss for x in tree if x.is_running()) / 2**20)
-        except psutil.Error:
-            pass
-        time.sleep(0.2)
-    return time.perf_counter() - t0, peak, p.returncode
 
 
 def successes(out: Path) -> int:

@@ -4,6 +4,7 @@
     clipforge serve-web OUT             serve it on 127.0.0.1                         (pipeline.sampleweb)
     clipforge crawl URLS CRAWL_DIR      img2dataset + Ray -> WebDataset shards        (pipeline.crawl)
     clipforge filter CRAWL_DIR OUT      keep/drop with a reason per row               (pipeline.filter)
+    clipforge stats FILTER_DIR          counts by reason + histograms of a ledger     (pipeline.stats)
     clipforge shard FILTER_DIR OUT      training shards + manifest                    (pipeline.shard)
     clipforge train --shards D --out R  CLIP with DeepSpeed ZeRO                      (trainer.train)
     clipforge train-ray --num-workers N -- <train flags>   the same on Ray Train     (trainer.ray_launch)
@@ -25,6 +26,7 @@ COMMANDS = {
     "serve-web": ("pipeline.sampleweb", "main_serve", "serve a sample web on 127.0.0.1"),
     "crawl": ("pipeline.crawl", "main", "download URL+caption lists with img2dataset on Ray"),
     "filter": ("pipeline.filter", "main", "basic rules + exact dedup, a reason for every drop"),
+    "stats": ("pipeline.stats", "main", "counts by reason + histograms of a ledger"),
     "shard": ("pipeline.shard", "main", "write kept samples to WebDataset shards + manifest"),
     "train": ("trainer.train", "main", "train CLIP with DeepSpeed ZeRO"),
     "train-ray": ("trainer.ray_launch", "main", "the same training on Ray Train workers"),

@@ -1,6 +1,7 @@
 """`make demo` / `clipforge demo`: every stage, end to end, on the offline sample web.
 
-    sample web (openmoji) -> served on 127.0.0.1 -> crawl (img2dataset on in-process Ray) -> filter -> shard
+    sample web (openmoji) -> served on 127.0.0.1 -> crawl (img2dataset on in-process Ray) -> filter (preset demo:
+    rules, language ID, exact + near-duplicate dedup, metadata balancing) -> ledger summary -> shard
     -> train (DeepSpeed ZeRO-2, 2 gloo ranks, gradient checkpointing) -> embed + FAISS index -> search + HTML
 
 Each stage is called through its public `main(argv)`, exactly as its CLI would be, and reads only what the previous
@@ -19,7 +20,7 @@ from pipeline.common import init_ray
 from trainer.clip.flags import CLI, opt, run_main
 from trainer.clip.formats.atomic import atomic_write_json, read_json
 from trainer.clip.formats.crawl import CRAWL_MANIFEST
-from trainer.clip.formats.decisions import read_filter_manifest
+from trainer.clip.formats.ledger import read_filter_manifest
 from trainer.clip.formats.index import read_index_info
 from trainer.clip.formats.shards import read_manifest
 from trainer.clip.ports import free_port
@@ -66,7 +67,7 @@ def _stage(name: str, fn, timings: dict):
 
 def _data_stages(cfg: DemoConfig, d: dict, timings: dict) -> None:
     """sample web -> served on 127.0.0.1 -> crawl -> filter -> shard, each through its CLI's main(argv)."""
-    from pipeline import crawl, filter as filt, sampleweb, shard
+    from pipeline import crawl, filter as filt, sampleweb, shard, stats
 
     port = free_port()
     web_cfg = sampleweb.SampleWebConfig(max_emoji=cfg.max_emoji, variants=cfg.variants, port=port)
@@ -80,7 +81,9 @@ def _data_stages(cfg: DemoConfig, d: dict, timings: dict) -> None:
                                             "--allow-private-addresses"]), timings)  # the sample web: 127.0.0.1
     finally:
         server.shutdown()
-    _stage("filter", lambda: filt.main([str(d["crawl"]), str(d["filter"])]), timings)
+    _stage("filter", lambda: filt.main([str(d["crawl"]), str(d["filter"]), "--preset", "demo"]), timings)
+    _stage("ledger", lambda: stats.main([str(d["filter"]), "--plots", str(d["filter"] / "plots"), "--top", "8"]),
+           timings)
     _stage("shard", lambda: shard.main([str(d["filter"]), str(d["shards"]), "--samples-per-shard",
                                         str(cfg.shard_samples_per_shard)]), timings)
     ray.shutdown()  # give the cores to the trainer

@@ -11,6 +11,7 @@ from pipeline import cli
 from pipeline.crawl import CrawlConfig
 from pipeline.demo import DemoConfig
 from pipeline.filter import FilterConfig
+from pipeline.stats import StatsConfig
 from pipeline.sampleweb import BuildCommand, ServeCommand
 from pipeline.shard import ShardConfig
 from trainer.clip.flags import CLI, flat, leaves, with_flags
@@ -19,7 +20,8 @@ from trainer.evaluate import EvalRunConfig
 from trainer.ray_launch import RayLaunchConfig
 from trainer.train import parse_args
 
-CONFIGS = [TrainConfig, RayLaunchConfig, EvalRunConfig, CrawlConfig, FilterConfig, ShardConfig, DemoConfig,
+CONFIGS = [TrainConfig, RayLaunchConfig, EvalRunConfig, CrawlConfig, FilterConfig, ShardConfig, StatsConfig,
+           DemoConfig,
            BuildCommand, ServeCommand, IndexConfig, SearchConfig, ReportConfig]
 
 
@@ -38,8 +40,10 @@ PRINTED = {
     "serve-web": (["out"], lambda c: c["port"] is None),
     "crawl": (["u.parquet", "c", "--ignore-opt-out", "--save-additional-columns", "a", "b"],
               lambda c: c["fetch"]["ignore_opt_out"] and c["save_additional_columns"] == ["a", "b"]),
-    "filter": (["c", "f", "--no-dedup"], lambda c: c["dedup"] is False),
+    "filter": (["c", "f", "--demo", "--no-exact-pair", "--languages"],
+               lambda c: c["dedup"]["exact_pair"] is False and c["dedup"]["near_dup"] and c["rules"]["languages"] == []),
     "shard": (["f", "s", "--samples-per-shard", "7"], lambda c: c["samples_per_shard"] == 7),
+    "stats": (["f", "--top", "5", "--plots", "p"], lambda c: c["top"] == 5 and c["plots"] == "p"),
     "train": (["--shards", "a", "b", "--out", "r", "--tiny", "--epochs", "3", "--no-grad-checkpointing"],
               lambda c: c["data"]["shards"] == ["a", "b"] and c["optim"]["steps"] == 0 and c["optim"]["epochs"] == 3
               and c["checkpointing"]["enabled"] is False and c["model"]["name"] == "tiny"),

@@ -170,9 +170,9 @@ def test_extra_columns_reach_the_training_shards(web, tmp_path, ray_local):
              "score": i / 10} for i in range(6)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
     assert crawl.main([str(tmp_path / "urls.parquet"), str(tmp_path / "c"), "--samples-per-shard", "3", *LOCAL]) == 0
-    assert filt.main([str(tmp_path / "c"), str(tmp_path / "f"), "--min-image-side", "8", "--no-dedup"]) == 0
+    assert filt.main([str(tmp_path / "c"), str(tmp_path / "f"), "--preset", "none"]) == 0
     assert shard.main([str(tmp_path / "f"), str(tmp_path / "s")]) == 0
-    decisions = pq.read_table(tmp_path / "f" / "decisions.parquet").to_pylist()
+    decisions = pq.read_table(tmp_path / "f" / "ledger").to_pylist()
     assert {(d["url"], d["license"], d["score"]) for d in decisions} == {(r["url"], r["license"], r["score"])
                                                                           for r in rows}
     samples = pq.read_table(tmp_path / "s" / "shard-00000.parquet").to_pylist()

@@ -27,10 +27,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert s["crawl"]["failed_to_download"] + s["crawl"]["failed_to_resize"] == n_bad
     assert s["crawl"]["success"] == web["rows"] - n_bad
     # filter: a reason for every drop, counts add up
-    d = pq.read_table(w / "filter" / "decisions.parquet").to_pylist()
+    d = pq.read_table(w / "filter" / "ledger").to_pylist()
     assert len(d) == web["rows"] and all(r["keep"] == (r["reason"] is None) for r in d)
     kept = sum(r["keep"] for r in d)
-    assert s["filter"]["kept"] == kept and s["filter"]["dropped"]["duplicate"] == web["kinds"]["duplicate"]
+    assert s["filter"]["kept"] == kept and s["filter"]["dropped"]["duplicate_image"] == web["kinds"]["duplicate"]
+    assert (w / "filter" / "plots" / "caption_chars.png").exists() and "ledger" in out
     # shard: the expected number of shards holding exactly the kept samples
     m = read_manifest(w / "shards")
     assert m["num_samples"] == kept and len(m["shards"]) == -(-kept // cfg.shard_samples_per_shard)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from webdataset.tariterators import base_plus_ext
 
-from trainer.clip.formats import atomic, crawl, decisions, index, shards
+from trainer.clip.formats import atomic, crawl, index, ledger, shards
 
 
 # ------------------------------------------------------------------------------------------------ atomic
@@ -132,15 +132,26 @@ def test_bad_manifests_are_clear_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ filter, index
-def test_decisions_round_trip(tmp_path):
-    rows = [{"key": "000000001", "url": "u", "caption": "c", "keep": True},
-            {"key": "000000002", "keep": False, "reason": "duplicate", "detail": "same sha256"}]
-    m = decisions.write_decisions(tmp_path, rows, {"kept": 1})
-    assert decisions.read_filter_manifest(tmp_path) == m and m["format"] == decisions.FILTER_FORMAT
+def test_ledger_round_trip(tmp_path):
+    rows = {c: [None, None] for c in ledger.LEDGER_COLUMNS}
+    rows.update(key=["000000001", "000000002"], keep=[True, False], reason=[None, "duplicate_image"],
+                duplicate_of=[None, "000000001"], terms=[["cat"], []], license=["cc", "x"])
+    ledger.write_ledger_part(ledger.ledger_part(tmp_path, 3), pa.table(rows))
+    with pytest.raises(ledger.LedgerError, match="run `clipforge filter` first"):
+        ledger.read_filter_manifest(tmp_path)
+    m = ledger.write_filter_manifest(tmp_path, {"parts": [{"part": "part-00003", "rows": 2, "kept": 1}]})
+    assert ledger.read_filter_manifest(tmp_path) == m and m["format"] == ledger.FILTER_FORMAT
     import pyarrow.parquet as pq
 
-    t = pq.read_table(decisions.decisions_path(tmp_path))
-    assert t.schema == decisions.DECISIONS_SCHEMA and t.column("reason").to_pylist() == [None, "duplicate"]
+    (path,) = ledger.ledger_files(tmp_path)
+    t = pq.read_table(path)
+    assert t.schema.names == [*ledger.LEDGER_COLUMNS, "license"]  # the carried column rides after ours
+    assert t.schema.field("terms").type == pa.list_(pa.string()) and t.column("duplicate_of")[1].as_py() == "000000001"
+    assert set(ledger.REASONS) >= {"crawl_failed", "caption_too_long", "near_duplicate", "balanced_out"}
+    ledger.write_filter_manifest(tmp_path, {"parts": []})
+    (tmp_path / ledger.FILTER_MANIFEST).write_text('{"format": "clipforge.filter.v1"}')
+    with pytest.raises(ledger.LedgerError, match="re-run the filter"):
+        ledger.read_filter_manifest(tmp_path)
 
 
 def test_index_dir_contract(tmp_path):

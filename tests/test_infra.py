@@ -172,7 +172,8 @@ def test_kuberay_manifests_are_consistent():
     import ray
 
     docs = list(_kuberay_docs())
-    assert {name for name, _ in docs} == {"raycluster.yaml", "rayjob-crawl.yaml", "rayjob-train.yaml"}
+    assert {name for name, _ in docs} == {"raycluster.yaml", "rayjob-crawl.yaml", "rayjob-train.yaml",
+                                         "rayjob-filter.yaml", "rayjob-shard.yaml"}
     tag = next(line.split(" -t ")[1].split()[0] for line in (ROOT / "infra/docker/Dockerfile").read_text().splitlines()
                if "docker build" in line)  # the tag the Dockerfile's build line gives the image
     for name, doc in docs:

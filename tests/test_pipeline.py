@@ -5,12 +5,13 @@ import tarfile
 import urllib.error
 import urllib.request
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cli, crawl, filter as filt, sampleweb, shard
 from trainer.clip.formats.crawl import CRAWL_MANIFEST
-from trainer.clip.formats.decisions import read_filter_manifest
+from trainer.clip.formats.ledger import read_filter_manifest
 from trainer.clip.formats.shards import read_manifest
 
 
@@ -90,41 +91,36 @@ def test_crawl_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "no input files match" in capsys.readouterr().err
 
 
-def test_filter_rules_are_pure():
-    c = filt.FilterConfig(min_image_side=64)
-    good = {"status": "success", "caption": "a red apple", "original_width": 100, "original_height": 80}
-    assert filt.decide(good, c) is None
-    assert filt.decide({**good, "caption": "ok"}, c)[0] == "caption_too_short"
-    assert filt.decide({**good, "original_width": 20}, c)[0] == "image_too_small"
-    assert filt.decide({**good, "original_width": 400, "original_height": 100}, c)[0] == "aspect_ratio"
-    failed = {**good, "status": "failed_to_download", "error_message": "HTTP Error 404"}
-    assert filt.decide(failed, c) == ("crawl_failed", "failed_to_download: HTTP Error 404")
-
-
 @pytest.fixture(scope="module")
 def filtered(crawled, tmp_path_factory):
     out = tmp_path_factory.mktemp("filter")
-    assert filt.main([str(crawled), str(out)]) == 0
+    assert filt.main([str(crawled), str(out), "--preset", "demo"]) == 0
     return out
+
+
+def _ledger(filter_dir):
+    return duckdb.sql(f"select * from '{filter_dir}/ledger/*.parquet'").to_arrow_table().to_pylist()
 
 
 def test_filter_decides_every_row_with_a_reason(web, crawled, filtered):
     _, cfg, summary = web
-    d = pq.read_table(filtered / "decisions.parquet").to_pylist()
+    d = _ledger(filtered)
     m = read_filter_manifest(filtered)
     assert len(d) == summary["rows"] == m["input_rows"]
     assert all(r["keep"] == (r["reason"] is None) for r in d)
     assert m["kept"] == sum(r["keep"] for r in d)
     assert m["dropped"]["crawl_failed"] == 4
     assert m["dropped"]["image_too_small"] == cfg.n_tiny
-    assert m["dropped"]["duplicate"] == cfg.n_duplicates
+    assert m["dropped"]["duplicate_image"] == cfg.n_duplicates
+    assert all(r["duplicate_of"] for r in d if r["reason"] == "duplicate_image")
     assert m["dropped"]["caption_too_short"] >= cfg.n_short_captions
+    assert (filtered / "terms.parquet").exists() and m["steps"]["balanced_out"]["dropped"] >= 0
     kept_hashes = [r["sha256"] for r in d if r["keep"]]
     assert len(kept_hashes) == len(set(kept_hashes))
 
 
 def test_shard_copies_kept_samples_and_resumes(crawled, filtered, tmp_path, ray_local):
-    kept = {r["key"]: r for r in pq.read_table(filtered / "decisions.parquet").to_pylist() if r["keep"]}
+    kept = {r["key"]: r for r in _ledger(filtered) if r["keep"]}
     assert shard.main([str(filtered), str(tmp_path), "--samples-per-shard", "64"]) == 0
     m = read_manifest(tmp_path)
     assert m["format"] == "clipforge.shards.v1" and m["missing"] == 0

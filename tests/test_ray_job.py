@@ -175,3 +175,56 @@ def test_train_job_sh_runs_ray_train_as_a_ray_job(ray_cluster, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 2
     assert json.loads((out / "train_config.json").read_text())["zero"] == 2  # the script's default, kept
     assert load_model(out / "checkpoint").config.embed_dim > 0
+
+
+def _submit(api: str, env: dict, bin_dir: Path, sid: str, argv: list[str]) -> subprocess.CompletedProcess:
+    cmd = [str(bin_dir / "ray"), "job", "submit", "--address", api, "--submission-id", sid, "--working-dir",
+           str(ROOT), "--", "python", "-m", *argv]
+    for _ in range(30):  # as above: retry only while the head's agent has not registered
+        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in job.stderr + job.stdout:
+            break
+        time.sleep(2)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    return job
+
+
+def test_filter_and_shard_jobs_span_two_nodes(ray_cluster, tmp_path, free_port):
+    """`ray job submit -- python -m pipeline.filter ...` then `... pipeline.shard ...` on a head + a worker node:
+    the per-shard tasks of both stages run on both nodes, and the shards hold every kept sample once."""
+    import numpy as np
+    from crawl_data import jpeg, row, write_crawl_shard
+    from PIL import Image
+
+    from trainer.clip.formats.ledger import read_filter_manifest
+    from trainer.clip.formats.shards import read_manifest
+
+    api, env, bin_dir, gcs = ray_cluster
+    crawl = tmp_path / "crawl"
+    rng = np.random.default_rng(0)
+    for s in range(12):
+        write_crawl_shard(crawl, s, [row(f"{s * 100 + i:09d}", f"a photo of a cat number {s * 100 + i}",
+                                         jpeg(Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).resize(
+                                             (64, 64))), size=(64, 64)) for i in range(20)])
+    worker = _start_worker_node(gcs, env, bin_dir, tmp_path / "worker.log", free_port)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and _raylet(worker.pid) is None:
+            time.sleep(1)
+        time.sleep(5)  # the node registers with the head
+        _submit(api, env, bin_dir, f"filter-{gcs}", ["pipeline.filter", str(crawl), str(tmp_path / "f"),
+                                                     "--min-image-side", "32", "--near-dup",
+                                                     "--progress-interval-s", "0"])
+        _submit(api, env, bin_dir, f"shard-{gcs}", ["pipeline.shard", str(tmp_path / "f"), str(tmp_path / "s"),
+                                                    "--samples-per-shard", "20", "--progress-interval-s", "0"])
+    finally:
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    m = read_filter_manifest(tmp_path / "f")
+    assert m["input_rows"] == 240 and m["kept"] == 240 and m["complete"]
+    assert len({p["node_features"] for p in m["parts"]}) == 2 and len({p["node_ledger"] for p in m["parts"]}) == 2
+    shards = read_manifest(tmp_path / "s")
+    assert shards["num_samples"] == 240 and len(shards["shards"]) == 12
+    assert len(set(shards["nodes"].values())) == 2

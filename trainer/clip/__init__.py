@@ -3,7 +3,7 @@
     configs, model, resnet   CLIPConfig presets and the CLIP model (pure torch, OpenAI / open_clip key names)
     tokenizer, transform     the CLIP BPE tokenizer and the image preprocessing / training augmentation
     checkpoint, convert      clipforge checkpoints, and OpenAI / open_clip / Hugging Face weights both ways
-    formats                  the stage-to-stage file contracts (crawl, decisions, shards, index) and atomic writes
+    formats                  the stage-to-stage file contracts (crawl, ledger, shards, index) and atomic writes
     flags                    command lines built from config dataclasses (every stage's CLI)
     ports                    free_port
 

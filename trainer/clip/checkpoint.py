@@ -7,6 +7,7 @@ a file whose pickle would construct arbitrary objects (and run code) is refused;
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -173,6 +174,24 @@ def _resolve_file(path: Path) -> Path:
         if (path / name).is_file():
             return path / name
     raise CheckpointError(f"no weights file in checkpoint dir {path} (looked for {', '.join(DIR_WEIGHTS)})")
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 (hex) of the weights file `path` resolves to, as load_checkpoint reads it: a clipforge dir's
+    model.safetensors, an OpenAI / open_clip / HF weights file, or the weights file of such a dir (DIR_WEIGHTS
+    order). Streamed in 1 MiB blocks; CheckpointError when there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    file = _resolve_file(path)
+    digest = hashlib.sha256()
+    try:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from e
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | Path, config: CLIPConfig | None = None, device="cpu",

@@ -212,12 +212,44 @@ def _show(value) -> str:
     return str(value)
 
 
+def config_values(cls: type, path: str) -> dict:
+    """{flag dest: value} from a JSON / TOML file of option values: nested by section (dataclasses.asdict's layout)
+    or flat by option name. ValueError for an unreadable file or an unknown option."""
+    import tomllib
+
+    try:
+        text = open(path, "rb").read()
+        data = tomllib.loads(text.decode()) if path.endswith(".toml") else json.loads(text)
+    except (OSError, ValueError) as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ValueError(f"--config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a table / object of option values")
+    by_path = {leaf.path: leaf.dest for leaf in leaves(cls)}
+    by_dest = set(by_path.values())
+    out: dict = {}
+
+    def walk(node: dict, prefix: tuple) -> None:
+        for name, value in node.items():
+            key = prefix + (name,)
+            if key in by_path:
+                out[by_path[key]] = value
+            elif not prefix and name in by_dest:
+                out[name] = value
+            elif isinstance(value, dict) and any(p[:len(key)] == key for p in by_path):
+                walk(value, key)
+            else:
+                raise ValueError(f"--config {path}: unknown option {'.'.join(key)!r}")
+
+    walk(data, ())
+    return out
+
+
 class CLI:
     """The parser of one config class (see the module docstring)."""
 
     def __init__(self, cls: type, prog: str, description: str = "", presets: dict[str, Callable] | None = None,
-                 epilog: str | None = None):
-        self.cls, self.presets = cls, dict(presets or {"default": cls})
+                 epilog: str | None = None, config_file: bool = False):
+        self.cls, self.presets, self.config_file = cls, dict(presets or {"default": cls}), config_file
         self.parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False,
                                               formatter_class=argparse.RawDescriptionHelpFormatter)
         groups: dict[tuple, Any] = {(): self.parser}
@@ -239,6 +271,10 @@ class CLI:
                 if name != "default":
                     p.add_argument(f"--{name}", dest="preset", action="store_const", const=name,
                                    help=f"= --preset {name}")
+        if self.config_file:
+            p.add_argument("--config", dest="config_file", metavar="FILE", default=None,
+                           help="a JSON or TOML file of option values (nested by section, or flat by option name) "
+                                "applied over the preset; flags given override it")
         p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
     def _check_exclusive(self, given: dict) -> None:
@@ -256,14 +292,15 @@ class CLI:
         """-> the config. SystemExit(2) on a usage or validation error, SystemExit(0) after --help / --print-config.
         adjust(values) may rewrite the given {dest: value} before they are applied."""
         ns = vars(self.parser.parse_args(argv))
-        preset, show = ns.pop("preset", "default"), ns.pop("print_config")
+        preset, show, path = ns.pop("preset", "default"), ns.pop("print_config"), ns.pop("config_file", None)
         self._check_exclusive(ns)
         if adjust is not None:
             ns = adjust(ns)
         make = self.presets[preset]
         try:  # the class itself: its defaults, which alone need not be a valid config (required options)
-            cfg = _apply(self.cls, _defaults(self.cls) if make is self.cls else dataclasses.asdict(make()), ns)
-        except ValueError as e:
+            tree = _defaults(self.cls) if make is self.cls else dataclasses.asdict(make())
+            cfg = _apply(self.cls, tree, {**(config_values(self.cls, path) if path else {}), **ns})
+        except (ValueError, TypeError) as e:
             self.parser.error(str(e))
         if show:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))

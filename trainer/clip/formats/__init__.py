@@ -2,7 +2,8 @@
 
     atomic     how any contract file is written: temp file in the same dir, fsync, os.replace, fsync of the dir
     crawl      CRAWL_DIR: img2dataset's {id}.tar / .parquet / _stats.json + _clipforge/crawl_manifest.json
-    decisions  FILTER_DIR: decisions.parquet (a keep / drop reason per crawled row) + filter_manifest.json
+    ledger     FILTER_DIR: ledger/part-NNNNN.parquet (every crawled row, every decision), emb/, terms.parquet,
+               filter_manifest.json
     shards     SHARDS_DIR: manifest.json + shard-XXXXX.tar / .parquet, img2dataset dirs, the member-name rule
     index      INDEX_DIR: image.index (FAISS) + metadata.parquet + index.json
 

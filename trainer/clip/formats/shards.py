@@ -6,7 +6,9 @@ A shard dir is one of
         {"format": "clipforge.shards.v1", "num_samples": N, "missing": M,
          "shards": [{"tar": "shard-00000.tar", "parquet": "shard-00000.parquet", "num_samples": n}, ...], ...}
     plus the tars it lists (each with an optional per-sample parquet). The manifest is written last and readers
-    trust only the shards it lists; a listed tar that is missing on disk is reported, not fatal.
+    trust only the shards it lists; a listed tar that is missing on disk is reported, not fatal. Writers may add
+    keys (`clipforge shard` adds per shard "bytes", "sha256" of the tar and "keys_sha256", and "plan_id", "seed",
+    "failed_shards", ...); readers ignore the keys they do not know.
   * img2dataset's webdataset output (trainer.clip.formats.crawl): {id:05d}.tar with {id:05d}_stats.json, whose
     "successes" is the tar's sample count;
   * a dir of *.tar with neither (sample counts are unknown until counted).
@@ -21,7 +23,7 @@ from __future__ import annotations
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -32,9 +34,11 @@ from trainer.clip.formats.tars import TarSink
 SHARDS_FORMAT = "clipforge.shards.v1"
 MANIFEST = "manifest.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# shard-XXXXX.parquet of clipforge shards: one row per sample, also the sample's KEY.json member
+# shard-XXXXX.parquet of clipforge shards: one row per sample (tar order), also the sample's KEY.json member;
+# the crawl's carried input columns follow. language / clip_score come from the filter (null when not computed).
 SAMPLE_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-                           ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string())])
+                           ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
+                           ("language", pa.string()), ("clip_score", pa.float32())])
 
 
 class ShardFormatError(ValueError):
@@ -112,10 +116,25 @@ def count_tar_samples(path: str | Path) -> int:
     return sum(1 for s in iter_tar_samples(path, read=lambda ext: False) if image_ext(s.members))
 
 
-def write_tar(path: str | Path, samples: Iterable[dict], durable: bool = True) -> int:
-    """Write samples ({"__key__": key, ext: bytes | str | dict (-> JSON)}) as one tar, atomically; -> count."""
+class _Digesting:
+    """A write-only file that feeds every byte written through it to a hashlib object (what tarfile needs)."""
+
+    def __init__(self, f: IO[bytes], digest):
+        self.f, self.digest = f, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def write_tar(path: str | Path, samples: Iterable[dict], durable: bool = True, digest=None) -> int:
+    """Write samples ({"__key__": key, ext: bytes | str | dict (-> JSON)}) as one tar, atomically; -> count.
+    `digest` (a hashlib object, e.g. hashlib.sha256()) is updated with every byte of the file as it is written."""
     with atomic_open(path, "wb", durable=durable) as f:
-        sink = TarSink(f)  # mtime 0: the same samples give the same bytes
+        sink = TarSink(f if digest is None else _Digesting(f, digest))  # mtime 0: same samples, same bytes
         for sample in samples:
             sink.write(sample)
         sink.close()  # closes the tar stream, not f

@@ -1,0 +1,485 @@
+"""Deduplication at crawl scale: the filter stage's global duplicate steps, all work in DuckDB or streamed per part.
+
+Reads  a DuckDB relation of the current survivors (a view name; columns key, shard, part_row, sha256, pair_sha256,
+       phash, ...) and, for the semantic step, the image embeddings of each part through a loader
+       `embeddings(shard_id) -> [rows of part, D]` (row i = part_row i; FILTER_DIR/emb/img-NNNNN.npy, mmap).
+Writes one parquet of drops per step: exactly the columns key, shard, reason, detail, duplicate_of (strings),
+       sorted by shard then key; the semantic step also writes (key, shard, part_row, cluster) for every survivor.
+       Every file is written atomically (trainer.clip.formats.atomic): a rerun replaces it, a crash leaves the old.
+
+The kept representative of a group is its smallest key, and every dropped row names it in `duplicate_of`:
+
+- exact (`exact_duplicates`): rows with the same value of one column (sha256 of the image bytes, or of the pair);
+- near (`near_duplicates`): rows whose 64-bit pHashes are within `near_hamming` bits. Identical hashes are collapsed
+  first (a blank image's million copies are one node, linked to its min key without any pair). The distinct hashes
+  are split into `near_bands` contiguous bit ranges; two hashes are candidates when one band is identical (with
+  bands > hamming, pigeonhole: every pair within the threshold shares a band, so nothing within it is missed), and
+  each candidate is verified with bit_count(xor(a, b)). A band bucket holding more than `near_max_bucket` distinct
+  hashes adds no candidates (it would be quadratic): its hashes are compared only through their exact-hash members
+  and through their other bands, so a pair within the threshold that shares nothing but an oversized bucket is
+  missed; `stats` counts those buckets and their hashes. Verified pairs are an edge table; connected components
+  come from min-label hooking with pointer jumping in DuckDB (chains a~b~c are one group even where a and c
+  are further apart than the threshold), and the rep is the component's min key;
+- semantic (`semantic_duplicates`, SemDeDup, Abbas et al. 2023): seeded spherical faiss k-means on a seeded sample
+  of the embeddings, every survivor assigned to its nearest centroid part by part, then per cluster (streamed in
+  cluster, key order) members are visited by key: a member whose cosine with an earlier *kept* member exceeds the
+  threshold is dropped naming the most similar such member, so the smallest key of a set of near-copies is kept.
+  Similarities are computed in blocks (never a full N x N); one cluster's embeddings are held at a time.
+
+Rerunning a step with the same survivors, config and seed gives the same files.
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainer.clip.flags import opt, require
+from trainer.clip.formats.atomic import atomic_write
+from trainer.clip.formats.ledger import REASONS
+
+DROP_SCHEMA = pa.schema([(c, pa.string()) for c in ("key", "shard", "reason", "detail", "duplicate_of")])
+CLUSTER_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("part_row", pa.int32()),
+                            ("cluster", pa.int32())])
+MAX_CC_ITERATIONS = 100    # component rounds before giving up (hooking + pointer jumping: ~log of a chain)
+SIM_BLOCK = 2048           # members per similarity block (a block x block float32 matrix at a time)
+GROUP_ROWS = 65_536        # survivors per group of consecutive clusters whose embeddings are loaded together
+KMEANS_ITERATIONS = 20
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+
+
+@dataclass
+class DedupConfig:
+    """Duplicate removal: exact (sha256), near (pHash within a Hamming distance), semantic (SemDeDup)."""
+    exact_image: bool = opt(True, help="drop rows whose image bytes have the same sha256 (the smallest key stays)")
+    exact_pair: bool = opt(True, help="drop rows with the same sha256 of (url, caption) (the smallest key stays)")
+    near_dup: bool = opt(False, help="drop near-duplicate images: pHashes within --near-hamming bits")
+    near_hamming: int = opt(4, help="max Hamming distance (inclusive) between two near-duplicate pHashes")
+    near_bands: int = opt(0, help="LSH bands over the 64 pHash bits (0: near-hamming + 1, which finds every pair "
+                                  "within the threshold; fewer bands miss some, more cost more)")
+    near_max_bucket: int = opt(1000, help="a band bucket with more distinct pHashes than this adds no candidate "
+                                          "pairs (only identical hashes and other bands link its members)")
+    semantic_dup: bool = opt(False, help="drop semantic duplicates (SemDeDup over the CLIP image embeddings)")
+    semantic_clusters: int = opt(0, help="k-means clusters for semantic dedup (0: about sqrt(survivors))")
+    semantic_threshold: float = opt(0.95, help="cosine above which two images of one cluster are duplicates")
+    semantic_sample: int = opt(200_000, help="embeddings sampled (seeded) to train the k-means")
+    dedup_seed: int = opt(0, help="seed of the k-means sample and training")
+
+    def __post_init__(self):
+        require(self, "near_hamming", 0 <= self.near_hamming < 64, "must be in [0, 63]")
+        require(self, "near_bands", 0 <= self.near_bands <= 64, "must be in [0, 64] (0: near-hamming + 1)")
+        require(self, "near_max_bucket", self.near_max_bucket >= 2, "must be >= 2")
+        require(self, "semantic_clusters", self.semantic_clusters >= 0, "must be >= 0 (0: about sqrt(rows))")
+        require(self, "semantic_threshold", 0 < self.semantic_threshold <= 1, "must be in (0, 1]")
+        require(self, "semantic_sample", self.semantic_sample >= 1, "must be >= 1")
+        require(self, "dedup_seed", self.dedup_seed >= 0, "must be >= 0")
+        if self.near_dup and self.bands() <= self.near_hamming:
+            warnings.warn(f"--near-bands {self.bands()} <= --near-hamming {self.near_hamming}: pairs within the "
+                          f"threshold that share no band are missed", stacklevel=2)
+
+    def bands(self) -> int:
+        return self.near_bands or min(64, self.near_hamming + 1)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _relation(con, survivors: str, columns: tuple[str, ...]) -> None:
+    """ValueError unless `survivors` is a plain relation name holding `columns`."""
+    if not _NAME.fullmatch(survivors):
+        raise ValueError(f"survivors must be a table or view name, got {survivors!r}")
+    have = set(con.sql(f"SELECT * FROM {survivors} LIMIT 0").columns)
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise ValueError(f"survivors relation {survivors!r} lacks columns {missing} (has {sorted(have)})")
+
+
+def _sql_path(path: str | Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _copy(con, query: str, out: str | Path) -> int:
+    """The rows of `query` ordered by shard, key, streamed to parquet `out` (DROP_SCHEMA: nullable strings, whatever
+    the data) atomically; the number of rows written."""
+    written = [0]
+
+    def write(tmp: str) -> None:
+        reader = con.sql(f"SELECT * FROM ({query}) ORDER BY shard, key").to_arrow_reader(GROUP_ROWS)
+        with pq.ParquetWriter(tmp, DROP_SCHEMA) as writer:
+            for batch in reader:
+                writer.write_table(pa.Table.from_batches([batch]).cast(DROP_SCHEMA))
+                written[0] += batch.num_rows
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, write)
+    return written[0]
+
+
+def _drop_select(rows: str, reason: str, detail: str, rep: str) -> str:
+    return (f"SELECT CAST(key AS VARCHAR) AS key, CAST(shard AS VARCHAR) AS shard, '{reason}' AS reason, "
+            f"CAST({detail} AS VARCHAR) AS detail, CAST({rep} AS VARCHAR) AS duplicate_of FROM {rows}")
+
+
+def phash64(image_bytes: bytes) -> int | None:
+    """imagehash.phash (8x8 DCT bits) of the decoded image as a signed int64; None if it does not decode."""
+    import imagehash
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as img:
+            img.draft("RGB", (256, 256))  # JPEG: decode at a reduced scale (still >= 256 px, phash uses 32 px)
+            bits = imagehash.phash(img).hash.ravel()
+    except Exception:  # truncated, corrupt, unsupported, decompression bomb: no hash, the row is kept unhashed
+        return None
+    return int.from_bytes(np.packbits(bits).tobytes(), "big", signed=True)
+
+
+# ------------------------------------------------------------------------------------------------ exact
+def exact_duplicates(con, survivors: str, column: str, reason: str, out: Path) -> int:
+    """Rows sharing a non-null `column` value: the smallest key stays, the others are dropped naming it."""
+    require_reason(reason)
+    if not _NAME.fullmatch(column) or "." in column:
+        raise ValueError(f"column must be a plain column name, got {column!r}")
+    _relation(con, survivors, ("key", "shard", column))
+    rows = (f"(SELECT s.key, s.shard, r.rep FROM {survivors} s JOIN "
+            f"(SELECT \"{column}\" AS v, min(key) AS rep FROM {survivors} WHERE \"{column}\" IS NOT NULL "
+            f"GROUP BY 1 HAVING count(*) > 1) r ON s.\"{column}\" = r.v WHERE s.key <> r.rep)")
+    return _copy(con, _drop_select(rows, reason, f"'same {column} as ' || rep", "rep"), out)
+
+
+def require_reason(reason: str) -> None:
+    if reason not in REASONS:
+        raise ValueError(f"reason {reason!r} is not one of trainer.clip.formats.ledger.REASONS")
+
+
+# ------------------------------------------------------------------------------------------------ near
+def band_layout(bands: int) -> list[tuple[int, int]]:
+    """(shift, width) of each band: `bands` contiguous bit ranges covering the 64 bits, widths differing by <= 1."""
+    if not 1 <= bands <= 64:
+        raise ValueError(f"bands must be in [1, 64], got {bands}")
+    widths = [64 // bands + (i < 64 % bands) for i in range(bands)]
+    return [(sum(widths[:i]), w) for i, w in enumerate(widths)]
+
+
+def _band_value(col: str, shift: int, width: int) -> str:
+    if width == 64:
+        return col
+    return f"(({col} >> {shift}) & {(1 << width) - 1})"  # arithmetic shift: the mask drops the sign fill
+
+
+def _band_pairs(hashes: str, band: int, shift: int, width: int, max_bucket: int) -> str:
+    """Candidate pairs (band, a, b), a < b, of distinct hashes (column h of `hashes`) equal on one band."""
+    v = _band_value("h", shift, width)
+    return (f"(WITH bv AS (SELECT h, {v} AS v FROM {hashes}), "
+            f"ok AS (SELECT v FROM bv GROUP BY v HAVING count(*) BETWEEN 2 AND {max_bucket}), "
+            f"m AS (SELECT bv.h, bv.v FROM bv SEMI JOIN ok ON bv.v = ok.v) "
+            f"SELECT {band} AS band, x.h AS a, y.h AS b FROM m x JOIN m y ON x.v = y.v AND x.h < y.h)")
+
+
+def candidate_pairs(con, hashes: str, cfg: DedupConfig):
+    """The relation of LSH candidate pairs (band, a, b) over the distinct hashes in column h of `hashes` (lazy:
+    what near_duplicates verifies; a pair sharing k bands appears k times)."""
+    parts = [_band_pairs(hashes, i, s, w, cfg.near_max_bucket) for i, (s, w) in enumerate(band_layout(cfg.bands()))]
+    return con.sql(" UNION ALL ".join(f"SELECT * FROM {p}" for p in parts))
+
+
+def _bucket_stats(con, hashes: str, shift: int, width: int, max_bucket: int) -> tuple[int, int, int]:
+    """(oversized buckets, hashes in them, candidate pairs) of one band."""
+    v = _band_value("h", shift, width)
+    row = con.execute(
+        f"SELECT count(*) FILTER (WHERE n > {max_bucket}), coalesce(sum(n) FILTER (WHERE n > {max_bucket}), 0), "
+        f"coalesce(sum(n * (n - 1) // 2) FILTER (WHERE n BETWEEN 2 AND {max_bucket}), 0) "
+        f"FROM (SELECT {v} AS v, count(*) AS n FROM {hashes} GROUP BY 1)").fetchall()[0]
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def _near_edges(con, t: str, cfg: DedupConfig, stats: dict) -> None:
+    """{t}edges(a, b): distinct verified pairs of distinct hashes within near_hamming bits."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {t}raw (a BIGINT, b BIGINT)")
+    for band, (shift, width) in enumerate(band_layout(cfg.bands())):
+        over, over_hashes, pairs = _bucket_stats(con, f"{t}nodes", shift, width, cfg.near_max_bucket)
+        stats["oversized_buckets"] += over
+        stats["oversized_hashes"] += over_hashes
+        stats["candidate_pairs"] += pairs
+        con.execute(f"INSERT INTO {t}raw SELECT a, b FROM "
+                    f"{_band_pairs(f'{t}nodes', band, shift, width, cfg.near_max_bucket)} "
+                    f"WHERE bit_count(xor(a, b)) <= {cfg.near_hamming}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {t}edges AS SELECT DISTINCT a, b FROM {t}raw")
+    con.execute(f"DROP TABLE {t}raw")
+    stats["verified_pairs"] = con.execute(f"SELECT count(*) FROM {t}edges").fetchall()[0][0]
+
+
+def _components(con, t: str, max_iterations: int) -> int:
+    """{t}ids(h, k, id): hashes with an edge, id = rank of their min key; {t}lab(id, label): the smallest id of
+    the node's component. Labels are parent pointers (label <= id, in the same component), lowered each round by
+    hooking (for an edge u-v, both u and u's parent take v's parent if smaller) and one pointer jump (a node takes
+    its parent's parent), until no label changes. Returns the rounds it took."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {t}ids AS SELECT h, k, (row_number() OVER (ORDER BY k, h) - 1) "
+                f"AS id FROM {t}nodes WHERE h IN (SELECT a FROM {t}edges UNION SELECT b FROM {t}edges)")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {t}e AS WITH d AS (SELECT x.id AS a, y.id AS b FROM {t}edges "
+                f"JOIN {t}ids x ON {t}edges.a = x.h JOIN {t}ids y ON {t}edges.b = y.h) "
+                f"SELECT a, b FROM d UNION ALL SELECT b, a FROM d")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {t}lab AS SELECT id, id AS label FROM {t}ids")
+    for rounds in range(1, max_iterations + 1):
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {t}new AS "
+            f"WITH ev AS (SELECT e.a, pu.label AS pa, pv.label AS pb FROM {t}e e JOIN {t}lab pu ON e.a = pu.id "
+            f"JOIN {t}lab pv ON e.b = pv.id), "
+            f"prop AS (SELECT id, min(q) AS q FROM (SELECT pa AS id, pb AS q FROM ev UNION ALL "
+            f"SELECT a, pb FROM ev) GROUP BY id), "
+            f"hooked AS (SELECT l.id, least(l.label, coalesce(prop.q, l.label)) AS label FROM {t}lab l "
+            f"LEFT JOIN prop ON prop.id = l.id) "
+            f"SELECT x.id, y.label FROM hooked x JOIN hooked y ON x.label = y.id")
+        changed = con.execute(f"SELECT count(*) FROM {t}new n JOIN {t}lab o USING (id) "
+                              f"WHERE n.label <> o.label").fetchall()[0][0]
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {t}lab AS SELECT * FROM {t}new")
+        if not changed:
+            return rounds
+    raise RuntimeError(f"near-duplicate components did not converge in {max_iterations} rounds of label "
+                       f"propagation ({changed} labels still changing)")
+
+
+def near_duplicates(con, survivors: str, cfg: DedupConfig, out: Path, stats: dict | None = None,
+                    max_iterations: int = MAX_CC_ITERATIONS) -> int:
+    """Rows whose pHashes link within near_hamming bits (transitively): the component's smallest key stays.
+    `stats` (optional) receives nodes, candidate_pairs, verified_pairs, oversized_buckets, oversized_hashes,
+    rounds."""
+    _relation(con, survivors, ("key", "shard", "phash"))
+    stats = stats if stats is not None else {}
+    stats.update(candidate_pairs=0, oversized_buckets=0, oversized_hashes=0)
+    t = "__clipforge_near_"
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {t}nodes AS SELECT phash AS h, min(key) AS k, count(*) AS n "
+                    f"FROM {survivors} WHERE phash IS NOT NULL GROUP BY phash")
+        stats["nodes"] = con.execute(f"SELECT count(*) FROM {t}nodes").fetchall()[0][0]
+        _near_edges(con, t, cfg, stats)
+        stats["rounds"] = _components(con, t, max_iterations)
+        # every hash that drops something: its component's rep (min key, and that key's hash)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {t}aff AS SELECT n.h, coalesce(r.k, n.k) AS rk, "
+                    f"coalesce(r.h, n.h) AS rh FROM {t}nodes n LEFT JOIN {t}ids i ON i.h = n.h "
+                    f"LEFT JOIN {t}lab l ON l.id = i.id LEFT JOIN {t}ids r ON r.id = l.label "
+                    f"WHERE n.n > 1 OR i.h IS NOT NULL")
+        rows = (f"(SELECT s.key, s.shard, a.rk, bit_count(xor(s.phash, a.rh)) AS d FROM {survivors} s "
+                f"JOIN {t}aff a ON s.phash = a.h WHERE s.key <> a.rk)")
+        detail = (f"'phash distance ' || CAST(d AS VARCHAR) || ' to ' || rk || CASE WHEN d > {cfg.near_hamming} "
+                  f"THEN ' (linked through near-duplicates within {cfg.near_hamming})' ELSE '' END")
+        return _copy(con, _drop_select(rows, "near_duplicate", detail, "rk"), out)
+    finally:
+        for name in ("nodes", "raw", "edges", "ids", "e", "lab", "new", "aff"):
+            con.execute(f"DROP TABLE IF EXISTS {t}{name}")
+
+
+# ------------------------------------------------------------------------------------------------ semantic
+def shard_id(shard: str) -> int:
+    """The part number of a crawl tar name: "00012.tar" -> 12."""
+    m = re.fullmatch(r"(\d+)\.tar", shard or "")
+    if not m:
+        raise ValueError(f"shard {shard!r} is not a crawl tar name NNNNN.tar: cannot find its embeddings")
+    return int(m.group(1))
+
+
+class _Embeddings:
+    """Rows of the parts' embeddings as float32, L2-normalised again (float16 rounding), checked against the part;
+    the last `keep` loaded parts are cached (mmaps are cheap to hold)."""
+
+    def __init__(self, load: Callable[[int], np.ndarray], keep: int = 64):
+        self.load, self.keep, self.parts, self.dim = load, keep, OrderedDict(), None
+
+    def rows(self, shard: str, part_rows: np.ndarray) -> np.ndarray:
+        sid = shard_id(shard)
+        emb = self.parts.get(sid)
+        if emb is None:
+            emb = self.parts[sid] = self.load(sid)
+            if len(self.parts) > self.keep:
+                self.parts.popitem(last=False)
+            if getattr(emb, "ndim", 0) != 2 or (self.dim is not None and emb.shape[1] != self.dim):
+                raise ValueError(f"embeddings of part {sid}: shape {getattr(emb, 'shape', None)}, expected "
+                                 f"[rows, {self.dim or 'D'}]")
+            self.dim = emb.shape[1]
+        self.parts.move_to_end(sid)
+        if len(part_rows) and (part_rows.min() < 0 or part_rows.max() >= len(emb)):
+            raise ValueError(f"part {sid} has {len(emb)} embedding rows, survivors reference part_row "
+                             f"{int(part_rows.max())}")
+        x = np.asarray(emb[part_rows], dtype=np.float32)
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+    def table_rows(self, table: pa.Table) -> np.ndarray:
+        """Embeddings of a table's (shard, part_row) rows, in the table's order, loading each part once."""
+        shards = np.asarray(table.column("shard").to_pylist(), dtype=object)
+        part_rows = table.column("part_row").to_numpy().astype(np.int64)
+        order = np.lexsort((part_rows, shards.astype(str)))
+        out = None
+        bounds = np.flatnonzero(shards[order][1:] != shards[order][:-1]) + 1
+        for run in np.split(order, bounds):
+            x = self.rows(shards[run[0]], part_rows[run])
+            if out is None:
+                out = np.zeros((len(table), x.shape[1]), np.float32)
+            out[run] = x
+        return out if out is not None else np.zeros((0, self.dim or 1), np.float32)
+
+
+def _train_centroids(sample: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids [k, D] (faiss, seeded)."""
+    if k == 1:
+        c = sample.mean(axis=0, keepdims=True)
+        return c / max(float(np.linalg.norm(c)), 1e-12)
+    import faiss
+
+    km = faiss.Kmeans(sample.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, verbose=False,
+                      min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return np.asarray(km.centroids, dtype=np.float32)
+
+
+def _assign(con, survivors: str, centroids: np.ndarray, emb: _Embeddings, tmp: str) -> np.ndarray:
+    """Write (key, shard, part_row, cluster) of every survivor to `tmp`, streamed in part order; cluster sizes."""
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids))
+    sizes = np.zeros(len(centroids), np.int64)
+    reader = con.sql(f"SELECT CAST(key AS VARCHAR) AS key, CAST(shard AS VARCHAR) AS shard, "
+                     f"CAST(part_row AS INTEGER) AS part_row FROM {survivors} ORDER BY shard, part_row") \
+        .to_arrow_reader(GROUP_ROWS)
+    with pq.ParquetWriter(tmp, CLUSTER_SCHEMA) as writer:
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            if not len(table):
+                continue
+            _, ids = index.search(emb.table_rows(table), 1)
+            cluster = ids[:, 0].astype(np.int32)
+            sizes += np.bincount(cluster, minlength=len(sizes))
+            writer.write_table(table.append_column("cluster", pa.array(cluster, pa.int32())).cast(CLUSTER_SCHEMA))
+    return sizes
+
+
+def _best_kept(x: np.ndarray, emb: np.ndarray, kept: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of x: the highest cosine with a kept row of emb (kept mask), and which row; block by block."""
+    best, who = np.full(len(x), -np.inf, np.float32), np.full(len(x), -1, np.int64)
+    idx = np.flatnonzero(kept)
+    for c in range(0, len(idx), block):
+        ids = idx[c:c + block]
+        sims = x @ emb[ids].T
+        j = sims.argmax(axis=1)
+        v = sims[np.arange(len(x)), j]
+        better = v > best
+        best[better], who[better] = v[better], ids[j[better]]
+    return best, who
+
+
+def semdedup(emb: np.ndarray, threshold: float, block: int = SIM_BLOCK) -> list[tuple[int, int, float]]:
+    """SemDeDup within one cluster, members in the given order: a member whose cosine with an earlier kept member
+    exceeds `threshold` is dropped. -> [(dropped index, index of the most similar earlier kept member, cosine)].
+    Similarities are computed block x block; only members with some similar earlier member are visited one by one."""
+    m = len(emb)
+    kept, drops = np.zeros(m, bool), []
+    earlier = np.tri(min(block, m), k=-1, dtype=bool)
+    for s in range(0, m, block):
+        x = emb[s:s + block]
+        n = len(x)
+        best, who = _best_kept(x, emb, kept[:s], block)
+        sims = np.where(earlier[:n, :n], x @ x.T, -np.inf)
+        local = np.ones(n, bool)
+        for i in np.flatnonzero((best > threshold) | (sims > threshold).any(axis=1)):
+            row = np.where(local[:i], sims[i, :i], -np.inf)
+            b, w = float(best[i]), int(who[i])
+            if i and row.max() > b:
+                b, w = float(row.max()), s + int(row.argmax())
+            if b > threshold:
+                local[i] = False
+                drops.append((s + int(i), w, b))
+        kept[s:s + n] = local
+    return drops
+
+
+def _cluster_groups(reader, group_rows: int) -> Iterator[pa.Table]:
+    """Tables of whole consecutive clusters from a stream sorted by cluster, each >= group_rows rows (but the
+    last); a cluster bigger than group_rows comes alone."""
+    pending: list[pa.Table] = []
+    rows = start = 0  # start: where the last (maybe unfinished) cluster begins among the pending rows
+    last = None
+    for batch in reader:
+        cluster = batch.column("cluster").to_numpy()
+        if not len(cluster):
+            continue
+        j = int(np.searchsorted(cluster, cluster[-1], side="left"))
+        if j or cluster[-1] != last:
+            start = rows + j
+        last = cluster[-1]
+        pending.append(pa.Table.from_batches([batch]))
+        rows += len(cluster)
+        if start >= group_rows or (start and rows - start >= group_rows):
+            table = pa.concat_tables(pending)
+            yield table.slice(0, start)
+            pending, rows, start = [table.slice(start)], rows - start, 0
+    if rows:
+        yield pa.concat_tables(pending)
+
+
+def _dedup_clusters(con, clusters: Path, emb: _Embeddings, threshold: float, block: int, writer) -> None:
+    reader = con.sql(f"SELECT key, shard, part_row, cluster FROM read_parquet({_sql_path(clusters)}) "
+                     f"ORDER BY cluster, key").to_arrow_reader(GROUP_ROWS)
+    for group in _cluster_groups(reader, GROUP_ROWS):
+        x = emb.table_rows(group)
+        keys, shards = group.column("key").to_pylist(), group.column("shard").to_pylist()
+        cluster = group.column("cluster").to_numpy()
+        starts = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]])
+        out: dict[str, list] = {name: [] for name in DROP_SCHEMA.names}
+        for lo, hi in zip(starts, np.r_[starts[1:], len(cluster)]):
+            for i, j, sim in semdedup(x[lo:hi], threshold, block):
+                out["key"].append(keys[lo + i])
+                out["shard"].append(shards[lo + i])
+                out["detail"].append(f"cosine {sim:.4f} with {keys[lo + j]} (cluster {cluster[lo]})")
+                out["duplicate_of"].append(keys[lo + j])
+        out["reason"] = ["semantic_duplicate"] * len(out["key"])
+        writer.write_table(pa.table(out, schema=DROP_SCHEMA))
+
+
+def _sample(con, survivors: str, cfg: DedupConfig, emb: _Embeddings) -> np.ndarray:
+    """The seeded training sample: the semantic_sample survivors with the smallest hash(key, seed)."""
+    table = con.sql(f"SELECT CAST(shard AS VARCHAR) AS shard, part_row FROM {survivors} "
+                    f"ORDER BY hash(key, {cfg.dedup_seed}), key LIMIT {cfg.semantic_sample}").to_arrow_table()
+    return emb.table_rows(table)
+
+
+def semantic_duplicates(con, survivors: str, cfg: DedupConfig, embeddings: Callable[[int], np.ndarray], out: Path,
+                        clusters_out: Path, stats: dict | None = None, block: int = SIM_BLOCK) -> int:
+    """SemDeDup over the survivors' image embeddings (see the module docstring). Writes the drops to `out` and
+    every survivor's (key, shard, part_row, cluster) to `clusters_out`. `stats` (optional) receives rows,
+    clusters, sample, largest_cluster."""
+    _relation(con, survivors, ("key", "shard", "part_row"))
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    stats = stats if stats is not None else {}
+    emb = _Embeddings(embeddings)
+    n = con.execute(f"SELECT count(*) FROM {survivors}").fetchall()[0][0]
+    stats.update(rows=n, clusters=0, sample=0, largest_cluster=0)
+    if n == 0:
+        atomic_write(clusters_out, lambda tmp: pq.write_table(CLUSTER_SCHEMA.empty_table(), tmp))
+        atomic_write(out, lambda tmp: pq.write_table(DROP_SCHEMA.empty_table(), tmp))
+        return 0
+    sample = _sample(con, survivors, cfg, emb)
+    k = min(cfg.semantic_clusters or max(1, round(math.sqrt(n))), len(sample))
+    centroids = _train_centroids(sample, k, cfg.dedup_seed)
+    stats.update(clusters=k, sample=len(sample))
+    del sample
+    sizes = []
+    atomic_write(clusters_out, lambda tmp: sizes.append(_assign(con, survivors, centroids, emb, tmp)))
+    stats["largest_cluster"] = int(sizes[0].max())
+    scratch = Path(out).parent / f".{Path(out).name}.unsorted.parquet"
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with pq.ParquetWriter(scratch, DROP_SCHEMA) as writer:
+            _dedup_clusters(con, Path(clusters_out), emb, cfg.semantic_threshold, block, writer)
+        return _copy(con, f"SELECT * FROM read_parquet({_sql_path(scratch)})", out)
+    finally:
+        scratch.unlink(missing_ok=True)
+
