@@ -181,13 +181,13 @@ def floor(n: int, work: Path) -> dict:
 def clip(n: int, work: Path) -> dict:
     """CLIP-score images/s on CPU with a random ViT-B/32 (the filter's actor pool; no filtering)."""
     from trainer.clip.checkpoint import save_model
-    from trainer.clip.configs import get_preset
+    from trainer.clip.configs import get_config
     from trainer.clip.model import CLIP
 
     crawl = work / "clip-crawl"
     image_crawl(crawl, n, shards=2)
     ckpt = work / "vit-b-32"
-    save_model(CLIP(get_preset("ViT-B-32")), ckpt)
+    save_model(CLIP(get_config("ViT-B-32")), ckpt)
     cmd = [sys.executable, "-m", "pipeline.filter", str(crawl), str(work / "clip-filter"), "--preset", "none",
            "--clip-checkpoint", str(ckpt), "--clip-batch-size", "64", "--progress-interval-s", "0"]
     wall, peak, rc = timed(cmd, _env(), work / "clip.log")

@@ -10,16 +10,27 @@ Writes one parquet of drops per step: exactly the columns key, shard, reason, de
 The kept representative of a group is its smallest key, and every dropped row names it in `duplicate_of`:
 
 - exact (`exact_duplicates`): rows with the same value of one column (sha256 of the image bytes, or of the pair);
-- near (`near_duplicates`): rows whose 64-bit pHashes are within `near_hamming` bits. Identical hashes are collapsed
-  first (a blank image's million copies are one node, linked to its min key without any pair). The distinct hashes
-  are split into `near_bands` contiguous bit ranges; two hashes are candidates when one band is identical (with
-  bands > hamming, pigeonhole: every pair within the threshold shares a band, so nothing within it is missed), and
-  each candidate is verified with bit_count(xor(a, b)). A band bucket holding more than `near_max_bucket` distinct
-  hashes adds no candidates (it would be quadratic): its hashes are compared only through their exact-hash members
-  and through their other bands, so a pair within the threshold that shares nothing but an oversized bucket is
-  missed; `stats` counts those buckets and their hashes. Verified pairs are an edge table; connected components
-  come from min-label hooking with pointer jumping in DuckDB (chains a~b~c are one group even where a and c
-  are further apart than the threshold), and the rep is the component's min key;
+- near (`near_duplicates`): rows whose 64-bit pHashes are within `near_hamming` (h) bits. Identical hashes are
+  collapsed first (a blank image's million copies are one node, linked to its min key without any pair). Candidate
+  pairs of the N distinct hashes come from multi-index hashing (Norouzi, Punjani & Fleet, CVPR 2012): the 64 bits
+  are split into m contiguous bands and each hash probes, per band, every band value within r bits of its own (the
+  XOR with each of the band's sum_{i<=r} C(width, i) masks of weight <= r), joined against the exact band values.
+  Generalised pigeonhole: a pair within h bits differs by <= r bits on some band when m * (r + 1) > h, so then
+  nothing within the threshold is missed. Each candidate is verified with bit_count(xor(a, b)) <= h.
+  The scheme (`choose_scheme`, when near_bands = 0 and near_probe_radius = -1) is picked from h and N (counted
+  first): among the radii r with the fewest covering bands m = h // (r + 1) + 1 and at most MAX_AUTO_PROBES probes
+  per hash, the least expected work per hash, probes + expected candidates (sum over bands of probes * (N - 1) /
+  2^width, uniform hashes). Small N gives the exact h + 1 bands (r = 0: 5 probes at h = 4); larger N wider bands
+  with r >= 1, whose buckets stay nearly empty (h = 4: 3 bands of ~21 bits, r = 1, 67 probes from N ~ 90k; 2 bands
+  of 32 bits, r = 2, 1,058 probes from N ~ 38M, ~0.1 hash a bucket at N = 400M). Explicit bands with radius -1
+  take the smallest covering radius (lowered, with a warning, to keep MAX_AUTO_PROBES); an explicit radius with
+  bands 0 takes the fewest covering bands; an explicit pair with m * (r + 1) <= h warns (recall not guaranteed).
+  A band bucket holding more than `near_max_bucket` distinct hashes takes no part in that band (it would be
+  quadratic): its hashes are compared only through their exact-hash members and through their other bands, so a
+  pair within the threshold that meets only in an oversized bucket is missed; `stats` counts those buckets and
+  their hashes. Verified pairs are an edge table; connected components come from min-label hooking with pointer
+  jumping in DuckDB (chains a~b~c are one group even where a and c are further apart than the threshold), and the
+  rep is the component's min key;
 - semantic (`semantic_duplicates`, SemDeDup, Abbas et al. 2023): seeded spherical faiss k-means on a seeded sample
   of the embeddings, every survivor assigned to its nearest centroid part by part, then per cluster (streamed in
   cluster, key order) members are visited by key: a member whose cosine with an earlier *kept* member exceeds the
@@ -54,6 +65,8 @@ MAX_CC_ITERATIONS = 100    # component rounds before giving up (hooking + pointe
 SIM_BLOCK = 2048           # members per similarity block (a block x block float32 matrix at a time)
 GROUP_ROWS = 65_536        # survivors per group of consecutive clusters whose embeddings are loaded together
 KMEANS_ITERATIONS = 20
+MAX_AUTO_PROBES = 2048     # probes per hash (all bands) an automatic scheme stays within
+MAX_PROBES = 1 << 16       # probes per hash an explicit (bands, radius) may ask for
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
@@ -64,8 +77,11 @@ class DedupConfig:
     exact_pair: bool = opt(True, help="drop rows with the same sha256 of (url, caption) (the smallest key stays)")
     near_dup: bool = opt(False, help="drop near-duplicate images: pHashes within --near-hamming bits")
     near_hamming: int = opt(4, help="max Hamming distance (inclusive) between two near-duplicate pHashes")
-    near_bands: int = opt(0, help="LSH bands over the 64 pHash bits (0: near-hamming + 1, which finds every pair "
-                                  "within the threshold; fewer bands miss some, more cost more)")
+    near_bands: int = opt(0, help="bands the 64 pHash bits are split into for the candidate search (0: chosen "
+                                  "with --near-probe-radius from --near-hamming and the number of distinct hashes)")
+    near_probe_radius: int = opt(-1, help="per band, probe every band value within this many bits (-1: with "
+                                          "--near-bands 0 chosen with the bands, else the smallest radius that "
+                                          "finds every pair within --near-hamming)")
     near_max_bucket: int = opt(1000, help="a band bucket with more distinct pHashes than this adds no candidate "
                                           "pairs (only identical hashes and other bands link its members)")
     semantic_dup: bool = opt(False, help="drop semantic duplicates (SemDeDup over the CLIP image embeddings)")
@@ -76,18 +92,34 @@ class DedupConfig:
 
     def __post_init__(self):
         require(self, "near_hamming", 0 <= self.near_hamming < 64, "must be in [0, 63]")
-        require(self, "near_bands", 0 <= self.near_bands <= 64, "must be in [0, 64] (0: near-hamming + 1)")
+        require(self, "near_bands", 0 <= self.near_bands <= 64, "must be in [0, 64] (0: automatic)")
+        require(self, "near_probe_radius", -1 <= self.near_probe_radius <= 64, "must be in [-1, 64] (-1: automatic)")
         require(self, "near_max_bucket", self.near_max_bucket >= 2, "must be >= 2")
         require(self, "semantic_clusters", self.semantic_clusters >= 0, "must be >= 0 (0: about sqrt(rows))")
         require(self, "semantic_threshold", 0 < self.semantic_threshold <= 1, "must be in (0, 1]")
         require(self, "semantic_sample", self.semantic_sample >= 1, "must be >= 1")
         require(self, "dedup_seed", self.dedup_seed >= 0, "must be >= 0")
-        if self.near_dup and self.bands() <= self.near_hamming:
-            warnings.warn(f"--near-bands {self.bands()} <= --near-hamming {self.near_hamming}: pairs within the "
-                          f"threshold that share no band are missed", stacklevel=2)
+        if self.near_bands or self.near_probe_radius >= 0:  # an explicit scheme: known without the hash count
+            bands, radius = self.scheme(0)
+            probes = probes_per_row(bands, radius)
+            require(self, "near_probe_radius", probes <= MAX_PROBES,
+                    f"{radius} with {bands} bands probes {probes:,} values per hash, more than {MAX_PROBES:,}")
+            if self.near_dup and bands * (radius + 1) <= self.near_hamming:
+                warnings.warn(f"--near-bands {bands} with --near-probe-radius {radius} does not cover "
+                              f"--near-hamming {self.near_hamming} (bands * (radius + 1) <= hamming): pairs within "
+                              f"the threshold that differ by more than {radius} bits on every band are missed",
+                              stacklevel=2)
 
-    def bands(self) -> int:
-        return self.near_bands or min(64, self.near_hamming + 1)
+    def scheme(self, n: int) -> tuple[int, int]:
+        """(bands, probe radius) of the candidate search over n distinct hashes (see the module docstring)."""
+        h, bands, radius = self.near_hamming, self.near_bands, self.near_probe_radius
+        if bands and radius < 0:
+            radius = h // bands
+            while radius and probes_per_row(bands, radius) > MAX_AUTO_PROBES:
+                radius -= 1
+        elif radius >= 0 and not bands:
+            bands = h // (radius + 1) + 1
+        return (bands, radius) if bands else choose_scheme(h, n)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -174,45 +206,108 @@ def _band_value(col: str, shift: int, width: int) -> str:
     return f"(({col} >> {shift}) & {(1 << width) - 1})"  # arithmetic shift: the mask drops the sign fill
 
 
-def _band_pairs(hashes: str, band: int, shift: int, width: int, max_bucket: int) -> str:
-    """Candidate pairs (band, a, b), a < b, of distinct hashes (column h of `hashes`) equal on one band."""
-    v = _band_value("h", shift, width)
-    return (f"(WITH bv AS (SELECT h, {v} AS v FROM {hashes}), "
-            f"ok AS (SELECT v FROM bv GROUP BY v HAVING count(*) BETWEEN 2 AND {max_bucket}), "
-            f"m AS (SELECT bv.h, bv.v FROM bv SEMI JOIN ok ON bv.v = ok.v) "
-            f"SELECT {band} AS band, x.h AS a, y.h AS b FROM m x JOIN m y ON x.v = y.v AND x.h < y.h)")
+def band_probes(width: int, radius: int) -> int:
+    """Band values within `radius` bits of one value of a `width`-bit band: sum_{i <= radius} C(width, i)."""
+    return sum(math.comb(width, i) for i in range(min(radius, width) + 1))
 
 
-def candidate_pairs(con, hashes: str, cfg: DedupConfig):
-    """The relation of LSH candidate pairs (band, a, b) over the distinct hashes in column h of `hashes` (lazy:
-    what near_duplicates verifies; a pair sharing k bands appears k times)."""
-    parts = [_band_pairs(hashes, i, s, w, cfg.near_max_bucket) for i, (s, w) in enumerate(band_layout(cfg.bands()))]
+def probes_per_row(bands: int, radius: int) -> int:
+    """Probes one hash makes over all bands of band_layout(bands) at `radius`."""
+    return sum(band_probes(w, radius) for _, w in band_layout(bands))
+
+
+def choose_scheme(hamming: int, n: int, max_probes: int = MAX_AUTO_PROBES) -> tuple[int, int]:
+    """The automatic (bands, radius) for n distinct hashes and a threshold of `hamming` bits: for each radius r,
+    the fewest bands that cover it (m = hamming // (r + 1) + 1, so m * (r + 1) > hamming); of those within
+    max_probes probes per hash (r = 0 always is), the least expected work per hash, probes + expected candidates
+    (sum over bands of probes * (n - 1) / 2^width for uniform hashes); a tie goes to the smaller radius."""
+    if not 0 <= hamming < 64 or n < 0:
+        raise ValueError(f"need hamming in [0, 63] and n >= 0, got {hamming}, {n}")
+    best: tuple[float, int, int] | None = None
+    for radius in range(hamming + 1):
+        bands = hamming // (radius + 1) + 1
+        layout = band_layout(bands)
+        probes = sum(band_probes(w, radius) for _, w in layout)
+        if radius and probes > max_probes:
+            continue
+        work = probes + sum(band_probes(w, radius) * max(n - 1, 0) / 2.0 ** w for _, w in layout)
+        if best is None or work < best[0]:
+            best = (work, bands, radius)
+    return best[1], best[2]
+
+
+def _masks(width: int, radius: int) -> str:
+    """The relation (mask) of every BIGINT with at most `radius` of bits 0..width-1 set (bit 63 is the sign)."""
+    bit = "CASE WHEN b = 63 THEN (-9223372036854775807 - 1) ELSE (1::BIGINT << b) END"
+    return (f"(WITH RECURSIVE m(mask, top, k) AS (SELECT 0::BIGINT, -1, 0 UNION ALL SELECT m.mask | {bit}, b, "
+            f"m.k + 1 FROM m, range(0, {width}) r(b) WHERE b > m.top AND m.k < {radius}) SELECT mask FROM m)")
+
+
+def _buckets(hashes: str, shift: int, width: int) -> str:
+    """The relation (v, n): each band value of the hashes (column h of `hashes`) and how many hold it."""
+    return f"(SELECT {_band_value('h', shift, width)} AS v, count(*) AS n FROM {hashes} GROUP BY 1)"
+
+
+def _members(hashes: str, buckets: str, shift: int, width: int, lo: int, max_bucket: int) -> str:
+    """The relation (h, v) of the hashes whose band value's bucket holds lo..max_bucket hashes."""
+    return (f"(SELECT x.h, x.v FROM (SELECT h, {_band_value('h', shift, width)} AS v FROM {hashes}) x "
+            f"SEMI JOIN {buckets} k ON x.v = k.v AND k.n BETWEEN {lo} AND {max_bucket})")
+
+
+def _probe_pairs(members: str, masks: str, band: int) -> str:
+    """Candidate pairs (band, a, b), a < b: b's band value is a's XOR one of the masks (each pair once a band)."""
+    return (f"(SELECT {band} AS band, q.h AS a, y.h AS b FROM (SELECT x.h, xor(x.v, p.mask) AS pv FROM {members} x "
+            f"CROSS JOIN {masks} p) q JOIN {members} y ON y.v = q.pv AND q.h < y.h)")
+
+
+def candidate_pairs(con, hashes: str, cfg: DedupConfig, scheme: tuple[int, int] | None = None):
+    """The relation of candidate pairs (band, a, b) over the distinct hashes in column h of `hashes` (lazy: what
+    near_duplicates verifies; a pair within the radius on k bands appears k times). `scheme`: (bands, radius),
+    by default cfg.scheme(number of hashes)."""
+    if scheme is None:
+        scheme = cfg.scheme(con.execute(f"SELECT count(*) FROM {hashes}").fetchall()[0][0])
+    bands, radius = scheme
+    lo = 2 if radius == 0 else 1  # exact bands: a lone hash in its bucket has no candidate
+    parts = [f"(WITH bk AS {_buckets(hashes, s, w)}, mem AS {_members(hashes, 'bk', s, w, lo, cfg.near_max_bucket)}, "
+             f"pm AS {_masks(w, radius)} SELECT * FROM {_probe_pairs('mem', 'pm', i)})"
+             for i, (s, w) in enumerate(band_layout(bands))]
     return con.sql(" UNION ALL ".join(f"SELECT * FROM {p}" for p in parts))
 
 
-def _bucket_stats(con, hashes: str, shift: int, width: int, max_bucket: int) -> tuple[int, int, int]:
-    """(oversized buckets, hashes in them, candidate pairs) of one band."""
-    v = _band_value("h", shift, width)
-    row = con.execute(
-        f"SELECT count(*) FILTER (WHERE n > {max_bucket}), coalesce(sum(n) FILTER (WHERE n > {max_bucket}), 0), "
-        f"coalesce(sum(n * (n - 1) // 2) FILTER (WHERE n BETWEEN 2 AND {max_bucket}), 0) "
-        f"FROM (SELECT {v} AS v, count(*) AS n FROM {hashes} GROUP BY 1)").fetchall()[0]
-    return int(row[0]), int(row[1]), int(row[2])
+def _band_edges(con, t: str, band: int, layout: tuple[int, int], radius: int, cfg: DedupConfig,
+                stats: dict) -> None:
+    """Append the verified pairs of one band to {t}raw; count its candidates and oversized buckets in stats."""
+    (shift, width), cap = layout, cfg.near_max_bucket
+    lo = 2 if radius == 0 else 1
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {t}bk AS SELECT * FROM {_buckets(f'{t}nodes', shift, width)}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {t}pm AS SELECT * FROM {_masks(width, radius)}")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {t}bv AS SELECT * FROM "
+                f"{_members(f'{t}nodes', f'{t}bk', shift, width, lo, cap)}")
+    over, over_hashes = con.execute(f"SELECT count(*), coalesce(sum(n), 0) FROM {t}bk WHERE n > {cap}").fetchall()[0]
+    # candidates from the bucket sizes: ordered (x, y) pairs over the probed buckets, less each hash with itself
+    ok = f"(SELECT v, n FROM {t}bk WHERE n BETWEEN {lo} AND {cap})"
+    ordered, self_pairs = con.execute(
+        f"SELECT coalesce(sum(x.n * y.n), 0), (SELECT coalesce(sum(n), 0) FROM {ok}) FROM (SELECT k.n, "
+        f"xor(k.v, p.mask) AS pv FROM {ok} k CROSS JOIN {t}pm p) x JOIN {ok} y ON y.v = x.pv").fetchall()[0]
+    stats["oversized_buckets"] += int(over)
+    stats["oversized_hashes"] += int(over_hashes)
+    stats["candidate_pairs"] += (int(ordered) - int(self_pairs)) // 2
+    con.execute(f"INSERT INTO {t}raw SELECT a, b FROM {_probe_pairs(f'{t}bv', f'{t}pm', band)} "
+                f"WHERE bit_count(xor(a, b)) <= {cfg.near_hamming}")
 
 
 def _near_edges(con, t: str, cfg: DedupConfig, stats: dict) -> None:
-    """{t}edges(a, b): distinct verified pairs of distinct hashes within near_hamming bits."""
+    """{t}edges(a, b): distinct verified pairs of distinct hashes within near_hamming bits, found with the
+    scheme cfg.scheme(nodes) (recorded in stats with its probes, candidates and oversized buckets)."""
+    bands, radius = cfg.scheme(stats["nodes"])
+    stats.update(bands=bands, radius=radius, probes_per_row=probes_per_row(bands, radius), candidate_pairs=0,
+                 oversized_buckets=0, oversized_hashes=0)
     con.execute(f"CREATE OR REPLACE TEMP TABLE {t}raw (a BIGINT, b BIGINT)")
-    for band, (shift, width) in enumerate(band_layout(cfg.bands())):
-        over, over_hashes, pairs = _bucket_stats(con, f"{t}nodes", shift, width, cfg.near_max_bucket)
-        stats["oversized_buckets"] += over
-        stats["oversized_hashes"] += over_hashes
-        stats["candidate_pairs"] += pairs
-        con.execute(f"INSERT INTO {t}raw SELECT a, b FROM "
-                    f"{_band_pairs(f'{t}nodes', band, shift, width, cfg.near_max_bucket)} "
-                    f"WHERE bit_count(xor(a, b)) <= {cfg.near_hamming}")
+    for band, layout in enumerate(band_layout(bands)):
+        _band_edges(con, t, band, layout, radius, cfg, stats)
     con.execute(f"CREATE OR REPLACE TEMP TABLE {t}edges AS SELECT DISTINCT a, b FROM {t}raw")
-    con.execute(f"DROP TABLE {t}raw")
+    for name in ("raw", "bk", "pm", "bv"):
+        con.execute(f"DROP TABLE IF EXISTS {t}{name}")
     stats["verified_pairs"] = con.execute(f"SELECT count(*) FROM {t}edges").fetchall()[0][0]
 
 
@@ -249,11 +344,10 @@ def _components(con, t: str, max_iterations: int) -> int:
 def near_duplicates(con, survivors: str, cfg: DedupConfig, out: Path, stats: dict | None = None,
                     max_iterations: int = MAX_CC_ITERATIONS) -> int:
     """Rows whose pHashes link within near_hamming bits (transitively): the component's smallest key stays.
-    `stats` (optional) receives nodes, candidate_pairs, verified_pairs, oversized_buckets, oversized_hashes,
-    rounds."""
+    `stats` (optional) receives nodes, bands, radius, probes_per_row, candidate_pairs, verified_pairs,
+    oversized_buckets, oversized_hashes, rounds."""
     _relation(con, survivors, ("key", "shard", "phash"))
     stats = stats if stats is not None else {}
-    stats.update(candidate_pairs=0, oversized_buckets=0, oversized_hashes=0)
     t = "__clipforge_near_"
     try:
         con.execute(f"CREATE OR REPLACE TEMP TABLE {t}nodes AS SELECT phash AS h, min(key) AS k, count(*) AS n "
@@ -272,7 +366,7 @@ def near_duplicates(con, survivors: str, cfg: DedupConfig, out: Path, stats: dic
                   f"THEN ' (linked through near-duplicates within {cfg.near_hamming})' ELSE '' END")
         return _copy(con, _drop_select(rows, "near_duplicate", detail, "rk"), out)
     finally:
-        for name in ("nodes", "raw", "edges", "ids", "e", "lab", "new", "aff"):
+        for name in ("nodes", "raw", "bk", "pm", "bv", "edges", "ids", "e", "lab", "new", "aff"):
             con.execute(f"DROP TABLE IF EXISTS {t}{name}")
 
 

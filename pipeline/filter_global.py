@@ -77,12 +77,17 @@ def _steps(cfg, ids: list[int], work: Path):
         steps.append(("duplicate_pair",
                       lambda con, p: dedup.exact_duplicates(con, "survivors", "pair_sha256", "duplicate_pair", p)))
     if d.near_dup:
-        steps.append(("near_duplicate", lambda con, p: dedup.near_duplicates(con, "survivors", d, p)))
+        def near(con, p):
+            stats: dict = {}
+            dedup.near_duplicates(con, "survivors", d, p, stats=stats)
+            return {"stats": stats}
+        steps.append(("near_duplicate", near))
     if d.semantic_dup:
         def semantic(con, p):
             load = lambda sid: np.load(embedding_paths(cfg.output_dir, sid)[0], mmap_mode="r")  # noqa: E731
-            dedup.semantic_duplicates(con, "survivors", d, load, p, work / "clusters.parquet")
-            return {"clusters": str(work / "clusters.parquet")}
+            stats: dict = {}
+            dedup.semantic_duplicates(con, "survivors", d, load, p, work / "clusters.parquet", stats=stats)
+            return {"clusters": str(work / "clusters.parquet"), "stats": stats}
         steps.append(("semantic_duplicate", semantic))
     if cfg.balance.enabled:
         def balanced(con, p):

@@ -17,7 +17,9 @@ Both write atomically; neither reads another part's rows.
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,13 @@ from trainer.clip.formats.shards import IMAGE_EXTS, iter_tar_samples
 from trainer.clip.procinfo import peak_rss_bytes
 
 FEATURES = f"{WORK_DIR}/features"
+FAULT_ENV = "CLIPFORGE_FILTER_FAULT"  # a test hook: "sleep:S" slows every part task by S seconds
+
+
+def _fault() -> None:
+    kind, _, arg = os.environ.get(FAULT_ENV, "").partition(":")
+    if kind == "sleep":
+        time.sleep(float(arg))
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,7 @@ def features(job: PartJob) -> dict:
     """Write one features part (or reuse it). -> {"rows", "passed", "reused", "peak_rss"}."""
     from pipeline.rules import RulesConfig, apply_rules
 
+    _fault()
     out, fingerprint = features_path(job.filter_dir, job.shard_id), part_fingerprint(job)
     if out.exists() and _stored_fingerprint(out) == fingerprint:
         meta = pq.read_metadata(out)
@@ -198,6 +208,7 @@ def _apply_drops(t: pa.Table, job: PartJob, shard: str) -> tuple[list, list, lis
 
 def assemble(job: PartJob) -> dict:
     """Write one ledger part. -> {"rows", "kept", "dropped": {reason: n}, "peak_rss"}."""
+    _fault()
     t = pq.read_table(features_path(job.filter_dir, job.shard_id))
     shard = f"{job.shard_id:05d}.tar"
     reason, detail, dup = _apply_drops(t, job, shard)

@@ -19,3 +19,11 @@ def test_bench_crawl_tiny(tmp_path):
     ok = r["kinds"]["ok"] + r["kinds"]["slow"]
     assert r["img2dataset"]["images"] == r["clipforge"]["images"] == ok  # the same list, the same successes
     assert r["ratio"] > 0 and r["clipforge"]["peak_rss_mb"] > 0
+
+
+def test_bench_filter_tiny(tmp_path):
+    r = _load("bench_filter").run(rows=20_000, images=120, clip_images=16, workdir=str(tmp_path), per_shard=5_000)
+    s, f = r["scale"], r["floor"]
+    assert s["kept"] + sum(s["dropped"].values()) == 20_000 and s["peak_rss_tree_mb"] > 0
+    assert f["kept"] == 120 and f["floor_over_stages"] > 0  # distinct images, all kept and sharded
+    assert r["clip"]["images"] == 16 and r["clip"]["images_per_s"] > 0

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from pipeline import dedup
-from pipeline.dedup import (DROP_SCHEMA, MAX_CC_ITERATIONS, DedupConfig, _cluster_groups, _components, band_layout,
-                            candidate_pairs, exact_duplicates, near_duplicates, phash64, semantic_duplicates, semdedup)
+from pipeline.dedup import (DROP_SCHEMA, MAX_AUTO_PROBES, MAX_CC_ITERATIONS, DedupConfig, _cluster_groups, _components,
+                            band_layout, band_probes, candidate_pairs, choose_scheme, exact_duplicates,
+                            near_duplicates, phash64, probes_per_row, semantic_duplicates, semdedup)
 
 SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("part_row", pa.int32()),
                     ("sha256", pa.string()), ("pair_sha256", pa.string()), ("phash", pa.int64())])
@@ -43,17 +44,58 @@ def u64(x: int) -> int:
 
 # ------------------------------------------------------------------------------------------------ config
 def test_config_validates_and_defaults():
-    assert DedupConfig().bands() == 5 and DedupConfig(near_hamming=10).bands() == 11
-    assert DedupConfig(near_bands=8).bands() == 8
+    assert DedupConfig().scheme(1000) == (5, 0) and DedupConfig(near_hamming=10).scheme(100) == (11, 0)
+    assert DedupConfig(near_bands=8).scheme(10 ** 9) == (8, 0)  # explicit bands: the smallest covering radius
+    assert DedupConfig(near_bands=2).scheme(10) == (2, 2) and DedupConfig(near_bands=3).scheme(10) == (3, 1)
+    assert DedupConfig(near_probe_radius=1).scheme(10) == (3, 1)  # explicit radius: the fewest covering bands
+    assert DedupConfig(near_hamming=6, near_probe_radius=2).scheme(10) == (3, 2)
+    assert DedupConfig(near_bands=3, near_probe_radius=0).scheme(10 ** 9) == (3, 0)
     for bad in ({"near_hamming": 64}, {"near_bands": 65}, {"near_max_bucket": 1}, {"semantic_threshold": 0},
-                {"semantic_sample": 0}, {"semantic_clusters": -1}):
-        with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
+                {"semantic_sample": 0}, {"semantic_clusters": -1}, {"near_probe_radius": -2},
+                {"near_probe_radius": 65}, {"near_bands": 1, "near_probe_radius": 6}):
+        with pytest.raises(ValueError, match="--" + next(reversed(bad)).replace("_", "-")):
             DedupConfig(**bad)
+    with pytest.raises(ValueError, match="probes 83,278,001 values"):  # C(64, <= 6)
+        DedupConfig(near_bands=1, near_probe_radius=6)
     with pytest.warns(UserWarning, match="missed"):
-        DedupConfig(near_dup=True, near_hamming=6, near_bands=4)
+        DedupConfig(near_dup=True, near_hamming=6, near_bands=4, near_probe_radius=0)
+    with pytest.warns(UserWarning, match="does not cover --near-hamming 10"):  # radius 10 capped to 1 (65 probes)
+        assert DedupConfig(near_dup=True, near_hamming=10, near_bands=1).scheme(10) == (1, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DedupConfig(near_dup=True, near_hamming=6, near_bands=7)
+        DedupConfig(near_dup=True, near_hamming=6, near_bands=4)  # radius 1: 4 * 2 > 6
+        DedupConfig(near_dup=True, near_hamming=4, near_bands=2, near_probe_radius=2)
+        DedupConfig(near_dup=False, near_hamming=6, near_bands=4, near_probe_radius=0)  # off: no warning
+
+
+def test_choose_scheme_by_hamming_and_size():
+    """Exact bands (radius 0) for few hashes; at LAION scale wider bands with probing, buckets nearly empty."""
+    for hamming in range(9):
+        for n in (0, 1, 500):
+            assert choose_scheme(hamming, n) == (hamming + 1, 0)
+    bands, radius = choose_scheme(4, 400_000_000)
+    assert radius >= 1 and bands * (radius + 1) > 4 and probes_per_row(bands, radius) <= MAX_AUTO_PROBES
+    assert 400_000_000 / 2 ** min(w for _, w in band_layout(bands)) <= 8  # expected hashes per probed bucket
+    for hamming in range(1, 12):
+        radii = []
+        for n in (10 ** 3, 10 ** 5, 10 ** 7, 4 * 10 ** 8, 10 ** 10):
+            bands, radius = choose_scheme(hamming, n)
+            assert bands * (radius + 1) > hamming and probes_per_row(bands, radius) <= MAX_AUTO_PROBES
+            radii.append(radius)
+        assert radii == sorted(radii) and radii[-1] >= (hamming > 1), (hamming, radii)  # h = 1: 2 x 32 bits suffice
+    assert choose_scheme(2, 400_000_000) == (2, 1)  # the DataComp preset's threshold: 66 probes a hash
+    with pytest.raises(ValueError):
+        choose_scheme(64, 10)
+
+
+@pytest.mark.parametrize("width, radius", [(13, 0), (21, 1), (32, 2), (64, 2), (5, 7)])
+def test_probe_masks(width, radius):
+    con = duckdb.connect()
+    got = [m for (m,) in con.execute(f"SELECT mask FROM {dedup._masks(width, radius)}").fetchall()]
+    expect = {u64(sum(1 << b for b in bits)) for k in range(min(radius, width) + 1)
+              for bits in itertools.combinations(range(width), k)}
+    assert len(got) == len(expect) == band_probes(width, radius) and set(got) == expect
 
 
 def test_band_layout_covers_64_bits():
@@ -285,6 +327,71 @@ def test_banding_is_used_and_finds_every_pair(tmp_path):
     assert set(got) == expect
 
 
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _planted(rng, n: int, hamming: int, planted: int) -> np.ndarray:
+    """n random hashes and `planted` neighbours at distances 1..hamming (in turn) of earlier ones, some of
+    them neighbours of neighbours; sorted, distinct."""
+    out = [int(x) for x in rng.integers(-(1 << 63), (1 << 63) - 1, n, dtype=np.int64)]
+    for i in range(planted):
+        flips = rng.choice(64, 1 + i % hamming, replace=False)
+        out.append(u64((out[int(rng.integers(len(out)))] & ((1 << 64) - 1)) ^ sum(1 << int(b) for b in flips)))
+    return np.unique(np.array(out, dtype=np.int64))
+
+
+def _close_pairs(h: np.ndarray, hamming: int) -> set[tuple[int, int]]:
+    """Brute force: every pair (a, b), a < b, of the sorted distinct hashes within `hamming` bits."""
+    u = h.view(np.uint64)
+    dist = POPCOUNT[(u[:, None] ^ u[None, :]).view(np.uint8)].reshape(len(h), len(h), 8).sum(-1)
+    return {(int(h[i]), int(h[j])) for i, j in zip(*np.nonzero(np.triu(dist <= hamming, 1)))}
+
+
+@pytest.mark.parametrize("hamming, scheme", [(3, (4, 0)), (3, (2, 1)), (3, (3, 1)), (3, (2, 2)), (4, (5, 0)),
+                                             (4, (3, 1)), (4, (2, 2)), (5, (6, 0)), (5, (3, 1)), (5, (2, 2)),
+                                             (2, (1, 2))])  # one 64-bit band: masks over the sign bit
+def test_probing_finds_exactly_the_brute_force_pairs(tmp_path, hamming, scheme):
+    """Every covering (bands, radius) finds exactly the pairs within the threshold, its counted candidates are
+    the candidate relation's rows, and the drops are the union-find components less their min key."""
+    bands, radius = scheme
+    rng = np.random.default_rng(100 * hamming + 10 * bands + radius)
+    allh = _planted(rng, 1500, hamming, 150)
+    close = _close_pairs(allh, hamming)
+    assert len(close) >= 120
+    con = duckdb.connect()
+    con.execute("CREATE TABLE hashes AS SELECT unnest(?::BIGINT[]) AS h", [allh.tolist()])
+    cfg = DedupConfig(near_dup=True, near_hamming=hamming, near_bands=bands, near_probe_radius=radius)
+    cand = con.execute(f"SELECT a, b FROM ({candidate_pairs(con, 'hashes', cfg).sql_query()})").fetchall()
+    assert all(a < b for a, b in cand)
+    assert {(a, b) for a, b in cand if bin((a ^ b) & ((1 << 64) - 1)).count("1") <= hamming} == close
+    keys = {int(v): f"k{i:05d}" for i, v in enumerate(allh)}  # key order = hash order
+    got, stats = _near_run(con, tmp_path, {k: v for v, k in keys.items()}, cfg)
+    assert (stats["bands"], stats["radius"], stats["probes_per_row"]) == (bands, radius, probes_per_row(*scheme))
+    assert stats["verified_pairs"] == len(close) and stats["candidate_pairs"] == len(cand)
+    assert stats["candidate_pairs"] < len(allh) ** 2 / 2 / 50
+    index = {int(v): i for i, v in enumerate(allh)}
+    roots = _union_find((index[a], index[b]) for a, b in close)
+    assert set(got) == {f"k{i:05d}" for i, r in roots.items() if i != r}
+    assert all(got[f"k{i:05d}"]["duplicate_of"] == f"k{r:05d}" for i, r in roots.items() if i != r)
+
+
+def test_uncovered_scheme_warns_and_misses(tmp_path):
+    """2 bands at radius 1 cover 3 bits, not 4: two bits flipped on each 32-bit half are missed (and warned of);
+    radius 2, or 3 bands at radius 1 (one band untouched), find them."""
+    con = duckdb.connect()
+    a = 0x1234_5678_9ABC_DEF0
+    hashes = {"p-a": u64(a), "p-b": u64(a ^ (0b11 << 5) ^ (0b11 << 40)), "p-c": u64(a ^ (1 << 63) ^ 1)}
+    with pytest.warns(UserWarning, match="missed"):
+        cfg = DedupConfig(near_dup=True, near_bands=2, near_probe_radius=1)
+    got, stats = _near_run(con, tmp_path, hashes, cfg)
+    assert set(got) == {"p-c"} and stats["verified_pairs"] == 1
+    for bands, radius in ((2, 2), (3, 1)):
+        got, _ = _near_run(con, tmp_path, hashes, DedupConfig(near_dup=True, near_bands=bands,
+                                                               near_probe_radius=radius))
+        assert {k: r["duplicate_of"] for k, r in got.items()} == {"p-b": "p-a", "p-c": "p-a"}
+        assert got["p-b"]["detail"] == "phash distance 4 to p-a"
+
+
 # ------------------------------------------------------------------------------------------------ semantic
 def _semantic_data(tmp_path, parts=4, rows=100, dim=64, seed=0):
     """Parts of L2-normalised float16 embeddings: 8 loose clusters (members ~0.5 cosine apart), plus planted
@@ -419,3 +526,38 @@ def test_million_rows_exact_and_near_under_memory_limit(tmp_path):
     near_duplicates(con, "survivors", DedupConfig(near_dup=True), tmp_path / "near.parquet", stats=stats)
     assert {k: r["duplicate_of"] for k, r in drops(tmp_path / "near.parquet").items()} == pairs(near_dup, sources[2])
     assert stats["candidate_pairs"] < n * 1000
+
+
+@pytest.mark.slow
+def test_two_million_hashes_probe_far_fewer_candidates(tmp_path):
+    """2M random pHashes + 400 planted neighbours at 1..4 bits, under a 500MB DuckDB memory limit: the automatic
+    scheme probes (radius >= 1), finds every planted pair and verifies < 5 % of the candidates that the exact
+    5 bands of ~13 bits would (each a bucket of ~250-500 hashes there)."""
+    rng = np.random.default_rng(11)
+    n, parts = 2_000_000, 8
+    phash = rng.integers(-(1 << 63), (1 << 63) - 1, n, dtype=np.int64)
+    targets = 2 * rng.choice(n // 2, 400, replace=False)  # even rows copy the odd row after them
+    for i, t in enumerate(targets):
+        flips = rng.choice(64, 1 + i % 4, replace=False)
+        phash[t] = u64((int(phash[t + 1]) & ((1 << 64) - 1)) ^ sum(1 << int(b) for b in flips))
+    keys = np.array([f"{i:09d}" for i in range(n)], dtype=object)
+    for p in range(parts):
+        sl = slice(p * n // parts, (p + 1) * n // parts)
+        pq.write_table(pa.table({"key": keys[sl], "shard": [f"{p:05d}.tar"] * (sl.stop - sl.start),
+                                 "phash": phash[sl]}), tmp_path / f"part-{p:05d}.parquet")
+    con = duckdb.connect()
+    (tmp_path / "spill").mkdir()
+    con.execute(f"SET memory_limit = '500MB'; SET temp_directory = '{tmp_path / 'spill'}'; SET threads = 2")
+    con.execute(f"CREATE VIEW survivors AS SELECT * FROM read_parquet('{tmp_path}/part-*.parquet')")
+    stats = {}
+    near_duplicates(con, "survivors", DedupConfig(near_dup=True), tmp_path / "near.parquet", stats=stats)
+    assert {k: r["duplicate_of"] for k, r in drops(tmp_path / "near.parquet").items()} == \
+        {keys[t + 1]: keys[t] for t in targets}  # the odd row's key is the larger one
+    assert stats["radius"] >= 1 and stats["verified_pairs"] == 400 and stats["oversized_buckets"] == 0
+    distinct = np.unique(phash).view(np.uint64)
+    old = 0
+    for shift, width in band_layout(5):
+        sizes = np.bincount(((distinct >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64))
+        sizes = sizes[(sizes >= 2) & (sizes <= DedupConfig().near_max_bucket)]
+        old += int((sizes * (sizes - 1) // 2).sum())
+    assert old > 10 ** 9 and stats["candidate_pairs"] < 0.05 * old, (stats, old)

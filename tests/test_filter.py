@@ -177,3 +177,57 @@ def test_filter_none_keeps_every_image_and_refuses_an_empty_crawl(crawl, tmp_pat
     assert m["kept"] == 40 and m["dropped"]["crawl_failed"] == 1
     (tmp_path / "empty").mkdir()
     assert filt.main([str(tmp_path / "empty"), str(tmp_path / "x")]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    import torch
+
+    from trainer.clip.checkpoint import save_model
+    from trainer.clip.configs import get_config
+    from trainer.clip.model import CLIP
+
+    torch.manual_seed(0)
+    return str(save_model(CLIP(get_config("tiny")).eval(), tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+def test_filter_clip_top_fraction_and_row_aligned_embeddings(crawl, tiny_ckpt, tmp_path, ray_local):
+    from trainer.clip.formats.ledger import embedding_paths
+
+    out = tmp_path / "dc"
+    assert filt.main([str(crawl), str(out), "--datacomp-clip", "--clip-checkpoint", tiny_ckpt,
+                      "--clip-top-fraction", "0.5", "--progress-interval-s", "0"]) == 0
+    m, led = read_filter_manifest(out), _ledger(out)
+    scored = [r for r in led.values() if r["clip_score"] is not None]
+    assert len(scored) == 40 and m["embeddings"]  # every crawled image (no other rule in datacomp-clip)
+    kept = [r["clip_score"] for r in scored if r["keep"]]
+    dropped = [r["clip_score"] for r in scored if r["reason"] == "clip_score"]
+    assert 12 <= len(kept) <= 28 and len(kept) + len(dropped) == 40 and min(kept) >= max(dropped)
+    for shard_id in (0, 1):
+        img, txt = (np.load(p) for p in embedding_paths(out, shard_id))
+        part = pq.read_table(out / "ledger" / f"part-{shard_id:05d}.parquet").to_pylist()
+        assert img.shape[0] == txt.shape[0] == len(part) and img.dtype == np.float16
+        for r in part:
+            i = r["part_row"]
+            if r["clip_score"] is None:
+                assert not img[i].any() and not txt[i].any()
+            else:
+                cos = float(img[i].astype(np.float32) @ txt[i].astype(np.float32))
+                assert abs(cos - r["clip_score"]) < 2e-2
+    ids = sorted(embedding_paths(out, 0)[0].parent.glob("img-*.npy"))
+    mtimes = [p.stat().st_mtime_ns for p in ids]
+    assert filt.main([str(crawl), str(out), "--datacomp-clip", "--clip-checkpoint", tiny_ckpt,
+                      "--clip-top-fraction", "0.5", "--progress-interval-s", "0"]) == 0
+    assert [p.stat().st_mtime_ns for p in ids] == mtimes  # the scores and embeddings are reused
+
+
+def test_filter_semantic_dedup_names_the_kept_image(crawl, tiny_ckpt, tmp_path, ray_local):
+    out = tmp_path / "sem"
+    assert filt.main([str(crawl), str(out), "--preset", "none", "--clip-checkpoint", tiny_ckpt, "--semantic-dup",
+                      "--semantic-threshold", "0.99999", "--progress-interval-s", "0"]) == 0
+    led = _ledger(out)
+    sem = {k: r["duplicate_of"] for k, r in led.items() if r["reason"] == "semantic_duplicate"}
+    # the same pictures under other captions (cosine 1) are found, no distinct one is
+    assert sem == {"000000020": "000000003", "000010001": "000000021"}
+    assert all(r["cluster"] is not None for r in led.values() if r["clip_score"] is not None)
+    assert filt.main([str(crawl), str(tmp_path / "x"), "--semantic-dup"]) == 2  # needs the embeddings

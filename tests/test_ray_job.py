@@ -177,9 +177,9 @@ def test_train_job_sh_runs_ray_train_as_a_ray_job(ray_cluster, tmp_path):
     assert load_model(out / "checkpoint").config.embed_dim > 0
 
 
-def _submit(api: str, env: dict, bin_dir: Path, sid: str, argv: list[str]) -> subprocess.CompletedProcess:
+def _submit(api: str, env: dict, bin_dir: Path, sid: str, argv: list[str], job_env: dict | None = None):
     cmd = [str(bin_dir / "ray"), "job", "submit", "--address", api, "--submission-id", sid, "--working-dir",
-           str(ROOT), "--", "python", "-m", *argv]
+           str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env or {}}), "--", "python", "-m", *argv]
     for _ in range(30):  # as above: retry only while the head's agent has not registered
         job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in job.stderr + job.stdout:
@@ -187,6 +187,15 @@ def _submit(api: str, env: dict, bin_dir: Path, sid: str, argv: list[str]) -> su
         time.sleep(2)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     return job
+
+
+def _alive_nodes(api: str, env: dict, bin_dir: Path) -> int:
+    probe = subprocess.run([str(bin_dir / "ray"), "list", "nodes", "--address", api, "--format", "json"], env=env,
+                           capture_output=True, text=True)
+    try:
+        return sum(n.get("state") == "ALIVE" for n in json.loads(probe.stdout))
+    except ValueError:
+        return 0
 
 
 def test_filter_and_shard_jobs_span_two_nodes(ray_cluster, tmp_path, free_port):
@@ -206,17 +215,20 @@ def test_filter_and_shard_jobs_span_two_nodes(ray_cluster, tmp_path, free_port):
         write_crawl_shard(crawl, s, [row(f"{s * 100 + i:09d}", f"a photo of a cat number {s * 100 + i}",
                                          jpeg(Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).resize(
                                              (64, 64))), size=(64, 64)) for i in range(20)])
+    # Ray reuses a leased worker for the next task of the same kind: tasks this small would all run on the head's
+    # warm workers before the new node's first worker is up. The test hooks make each task last 1 s.
+    slow = {"CLIPFORGE_FILTER_FAULT": "sleep:1", "CLIPFORGE_SHARD_FAULT": "sleep:1"}
     worker = _start_worker_node(gcs, env, bin_dir, tmp_path / "worker.log", free_port)
     try:
         deadline = time.time() + 90
-        while time.time() < deadline and _raylet(worker.pid) is None:
+        while time.time() < deadline and _alive_nodes(api, env, bin_dir) < 2:
             time.sleep(1)
-        time.sleep(5)  # the node registers with the head
+        assert _alive_nodes(api, env, bin_dir) == 2, (tmp_path / "worker.log").read_text()[-3000:]
         _submit(api, env, bin_dir, f"filter-{gcs}", ["pipeline.filter", str(crawl), str(tmp_path / "f"),
                                                      "--min-image-side", "32", "--near-dup",
-                                                     "--progress-interval-s", "0"])
+                                                     "--progress-interval-s", "0"], slow)
         _submit(api, env, bin_dir, f"shard-{gcs}", ["pipeline.shard", str(tmp_path / "f"), str(tmp_path / "s"),
-                                                    "--samples-per-shard", "20", "--progress-interval-s", "0"])
+                                                    "--samples-per-shard", "20", "--progress-interval-s", "0"], slow)
     finally:
         try:
             os.killpg(worker.pid, signal.SIGKILL)
@@ -224,7 +236,8 @@ def test_filter_and_shard_jobs_span_two_nodes(ray_cluster, tmp_path, free_port):
             pass
     m = read_filter_manifest(tmp_path / "f")
     assert m["input_rows"] == 240 and m["kept"] == 240 and m["complete"]
-    assert len({p["node_features"] for p in m["parts"]}) == 2 and len({p["node_ledger"] for p in m["parts"]}) == 2
+    nodes = {stage: {p[stage] for p in m["parts"]} for stage in ("node_features", "node_ledger")}
+    assert all(len(v) == 2 for v in nodes.values()), nodes
     shards = read_manifest(tmp_path / "s")
     assert shards["num_samples"] == 240 and len(shards["shards"]) == 12
     assert len(set(shards["nodes"].values())) == 2
