@@ -1,7 +1,7 @@
 """Curation throughput and memory: `clipforge filter` + `clipforge shard` against the I/O floor, the filter at
 millions of rows, and the CLIP score on CPU.
 
-    python bench/bench_filter.py [--rows 5000000] [--images 4000] [--clip-images 512] [--out bench/results/x.json]
+    python bench/bench_filter.py [--rows 5000000] [--images 20000] [--clip-images 512] [--out bench/results/x.json]
 
 1. scale: a synthetic crawl of ROWS metadata rows (parquet only, 10,000 per shard: captions in several languages,
    planted (url, caption) and image-hash duplicates, sizes) filtered with language ID, the caption / size rules,
@@ -157,14 +157,14 @@ def io_floor(crawl: Path, out: Path) -> float:
 
 def floor(n: int, work: Path) -> dict:
     crawl = work / "img-crawl"
-    image_crawl(crawl, n)
+    image_crawl(crawl, n, shards=max(2, n // 1000))
     cores = os.cpu_count() or 1
     t_floor = io_floor(crawl, work / "floor")
     f_cmd = [sys.executable, "-m", "pipeline.filter", str(crawl), str(work / "img-filter"), "--near-dup",
              "--min-image-side", "200", "--progress-interval-s", "0"]
     t_filter, rss_f, rc = timed(f_cmd, _env(), work / "filter.log")
     s_cmd = [sys.executable, "-m", "pipeline.shard", str(work / "img-filter"), str(work / "img-shards"),
-             "--samples-per-shard", "1000", "--progress-interval-s", "0"]
+             "--samples-per-shard", "2000", "--progress-interval-s", "0"]
     t_shard, rss_s, rc2 = timed(s_cmd, _env(), work / "shard.log")
     if rc or rc2:
         raise RuntimeError(f"filter/shard failed: {(work / 'filter.log').read_text()[-2000:]}"
@@ -199,7 +199,7 @@ def clip(n: int, work: Path) -> dict:
             "peak_rss_mb": round(peak)}
 
 
-def run(rows: int = 5_000_000, images: int = 4000, clip_images: int = 512, workdir: str | None = None,
+def run(rows: int = 5_000_000, images: int = 20000, clip_images: int = 512, workdir: str | None = None,
         per_shard: int = 10_000) -> dict:
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-filter-"))
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -216,7 +216,7 @@ def run(rows: int = 5_000_000, images: int = 4000, clip_images: int = 512, workd
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=5_000_000)
-    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--images", type=int, default=20000)
     p.add_argument("--clip-images", type=int, default=512)
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None)

@@ -166,7 +166,7 @@ def phash64(image_bytes: bytes) -> int | None:
 
     try:
         with Image.open(io.BytesIO(image_bytes)) as img:
-            img.draft("RGB", (256, 256))  # JPEG: decode at a reduced scale (still >= 256 px, phash uses 32 px)
+            img.draft("L", (128, 128))  # JPEG: decode grey at a reduced scale (still >= 128 px; phash uses 32 px)
             bits = imagehash.phash(img).hash.ravel()
     except Exception:  # truncated, corrupt, unsupported, decompression bomb: no hash, the row is kept unhashed
         return None

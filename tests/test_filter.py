@@ -231,3 +231,41 @@ def test_filter_semantic_dedup_names_the_kept_image(crawl, tiny_ckpt, tmp_path, 
     assert sem == {"000000020": "000000003", "000010001": "000000021"}
     assert all(r["cluster"] is not None for r in led.values() if r["clip_score"] is not None)
     assert filt.main([str(crawl), str(tmp_path / "x"), "--semantic-dup"]) == 2  # needs the embeddings
+
+
+@pytest.mark.slow
+def test_kill_9_mid_filter_then_rerun_gives_the_same_ledger(tmp_path, ray_local):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pipeline.filter_part import FAULT_ENV
+
+    crawl = tmp_path / "crawl"
+    for s in range(6):
+        write_crawl_shard(crawl, s, [row(f"{s * 100 + i:09d}", f"a photo of a dog number {s * 100 + i}",
+                                         jpeg(_noise(s * 100 + i)), license="x") for i in range(10)])
+    argv = ["--near-dup", "--progress-interval-s", "0", "--max-in-flight", "1"]
+    assert filt.main([str(crawl), str(tmp_path / "ref"), *argv]) == 0
+    out = tmp_path / "out"
+    env = {**os.environ, FAULT_ENV: "sleep:1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.filter", str(crawl), str(out), *argv],
+                            cwd=Path(__file__).resolve().parents[1], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / "_clipforge" / "features").glob("*.parquet"))) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before it was killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run
+        proc.wait()
+    assert not (out / "filter_manifest.json").exists()
+    assert filt.main([str(crawl), str(out), *argv]) == 0
+    assert read_filter_manifest(out)["reused_features"] >= 2
+    ledger = lambda d: {p.name: p.read_bytes() for p in (d / "ledger").glob("*.parquet")}  # noqa: E731
+    assert ledger(out) == ledger(tmp_path / "ref") and len(ledger(out)) == 6
