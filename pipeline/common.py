@@ -40,3 +40,10 @@ def duckdb_connect(database: str = ":memory:", memory_limit: str = "2GB", temp_d
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     return con
+
+
+def ray_node_id() -> str:
+    """The Ray node the calling task runs on ("" outside Ray): what the stages record per shard."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""

@@ -54,6 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.common import sql_str
 from trainer.clip.flags import opt, require
 from trainer.clip.formats.atomic import atomic_write
 from trainer.clip.formats.ledger import REASONS
@@ -131,10 +132,6 @@ def _relation(con, survivors: str, columns: tuple[str, ...]) -> None:
     missing = [c for c in columns if c not in have]
     if missing:
         raise ValueError(f"survivors relation {survivors!r} lacks columns {missing} (has {sorted(have)})")
-
-
-def _sql_path(path: str | Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
 
 
 def _copy(con, query: str, out: str | Path) -> int:
@@ -519,7 +516,7 @@ def _cluster_groups(reader, group_rows: int) -> Iterator[pa.Table]:
 
 
 def _dedup_clusters(con, clusters: Path, emb: _Embeddings, threshold: float, block: int, writer) -> None:
-    reader = con.sql(f"SELECT key, shard, part_row, cluster FROM read_parquet({_sql_path(clusters)}) "
+    reader = con.sql(f"SELECT key, shard, part_row, cluster FROM read_parquet({sql_str(clusters)}) "
                      f"ORDER BY cluster, key").to_arrow_reader(GROUP_ROWS)
     for group in _cluster_groups(reader, GROUP_ROWS):
         x = emb.table_rows(group)
@@ -573,7 +570,7 @@ def semantic_duplicates(con, survivors: str, cfg: DedupConfig, embeddings: Calla
     try:
         with pq.ParquetWriter(scratch, DROP_SCHEMA) as writer:
             _dedup_clusters(con, Path(clusters_out), emb, cfg.semantic_threshold, block, writer)
-        return _copy(con, f"SELECT * FROM read_parquet({_sql_path(scratch)})", out)
+        return _copy(con, f"SELECT * FROM read_parquet({sql_str(scratch)})", out)
     finally:
         scratch.unlink(missing_ok=True)
 

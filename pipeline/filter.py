@@ -97,13 +97,14 @@ def datacomp_clip() -> FilterConfig:
 
 
 def demo() -> FilterConfig:
-    """`basic` scaled to the sample web (64-160 px glyphs, short emoji names: another language is dropped only when
-    language ID is >= 50 % sure, as lid.176 misreads many two-word names), with exact and near-duplicate dedup
-    and balancing over a small term list (pipeline/assets/demo_terms.txt)."""
-    return FilterConfig(rules=RulesConfig(min_caption_words=2, min_image_side=48, max_caption_chars=300,
+    """`basic` scaled to the sample web: 64-160 px glyphs; emoji names of one word ("rocket", >= 6 characters);
+    another language dropped only when language ID is >= 50 % sure (lid.176 misreads many two-word names); exact
+    and near-duplicate dedup; balancing over a small term list (pipeline/assets/demo_terms.txt) that caps "face",
+    the one term over 150 in the 1,200 emoji."""
+    return FilterConfig(rules=RulesConfig(min_caption_words=1, min_image_side=48, max_caption_chars=300,
                                           min_other_language_score=0.5),
                         dedup=DedupConfig(exact_image=True, exact_pair=True, near_dup=True, near_hamming=2),
-                        balance=BalanceConfig(metadata_terms=DEMO_TERMS, per_term_cap=60, keep_unmatched=True))
+                        balance=BalanceConfig(metadata_terms=DEMO_TERMS, per_term_cap=150, keep_unmatched=True))
 
 
 PRESETS = {"default": FilterConfig, "none": none, "basic": basic, "laion": laion, "datacomp-clip": datacomp_clip,

@@ -28,9 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.common import ray_node_id
 from trainer.clip.formats.atomic import atomic_write
 from trainer.clip.formats.crawl import CRAWL_COLUMNS, carried_fields, crawl_shard
-from trainer.clip.formats.ledger import LEDGER_COLUMNS, REASONS, WORK_DIR, ledger_part, part_name, write_ledger_part
+from trainer.clip.formats.ledger import (LEDGER_COLUMNS, LEDGER_SCHEMA, REASONS, WORK_DIR, ledger_part, part_name,
+                                         write_ledger_part)
 from trainer.clip.formats.shards import IMAGE_EXTS, iter_tar_samples
 from trainer.clip.procinfo import peak_rss_bytes
 
@@ -74,16 +76,6 @@ def part_fingerprint(job: PartJob) -> str:
     h = hashlib.sha256(job.fingerprint.encode())
     h.update(marker.read_bytes() if marker.exists() else b"")
     return h.hexdigest()[:16]
-
-
-def _node() -> str:
-    """The Ray node this task runs on ("" outside Ray)."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    except Exception:  # noqa: BLE001 -- only for the record
-        return ""
 
 
 def _stored_fingerprint(path: Path) -> str | None:
@@ -151,7 +143,7 @@ def features(job: PartJob) -> dict:
     if out.exists() and _stored_fingerprint(out) == fingerprint:
         meta = pq.read_metadata(out)
         return {"rows": meta.num_rows, "passed": int(meta.metadata[b"passed"]), "reused": True,
-                "peak_rss": peak_rss_bytes(), "node": _node()}
+                "peak_rss": peak_rss_bytes(), "node": ray_node_id()}
     files = crawl_shard(job.crawl_dir, job.shard_id)
     t = pq.read_table(files.parquet)
     where, images = _tar_index(files.tar, job.phash)
@@ -169,7 +161,7 @@ def features(job: PartJob) -> dict:
     t = t.replace_schema_metadata({"fingerprint": fingerprint, "passed": str(passed)})
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: pq.write_table(t, tmp))
-    return {"rows": t.num_rows, "passed": passed, "reused": False, "peak_rss": peak_rss_bytes(), "node": _node()}
+    return {"rows": t.num_rows, "passed": passed, "reused": False, "peak_rss": peak_rss_bytes(), "node": ray_node_id()}
 
 
 # ---- assemble ----------------------------------------------------------------------------------------------------
@@ -224,7 +216,7 @@ def assemble(job: PartJob) -> dict:
         cols["cluster"] = pa.array(c, pa.int32(), mask=c < 0)
     for name in LEDGER_COLUMNS:
         if name not in cols and name not in t.column_names:
-            cols[name] = pa.nulls(t.num_rows, _ledger_type(name))
+            cols[name] = pa.nulls(t.num_rows, LEDGER_SCHEMA.field(name).type)
     for name, col in cols.items():
         i = t.schema.get_field_index(name)
         t = t.set_column(i, name, col) if i >= 0 else t.append_column(name, col)
@@ -233,10 +225,4 @@ def assemble(job: PartJob) -> dict:
     write_ledger_part(ledger_part(job.filter_dir, job.shard_id), t)
     dropped = {r: reason.count(r) for r in REASONS if r in reason}
     return {"rows": t.num_rows, "kept": reason.count(None), "dropped": dropped, "peak_rss": peak_rss_bytes(),
-            "node": _node()}
-
-
-def _ledger_type(name: str) -> pa.DataType:
-    from trainer.clip.formats.ledger import LEDGER_SCHEMA
-
-    return LEDGER_SCHEMA.field(name).type
+            "node": ray_node_id()}

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.common import duckdb_connect, init_ray
+from pipeline.common import duckdb_connect, init_ray, ray_node_id
 from pipeline.distribute import DistributeConfig, Progress, run_tasks
 from trainer.clip.flags import CLI, opt, require, run_main, section
 from trainer.clip.formats.atomic import atomic_write, atomic_write_json
@@ -235,14 +235,7 @@ def _paths(job: ShardJob) -> tuple[Path, Path]:
 def _entry(job: ShardJob, record: dict, resumed: bool) -> dict:
     tar, sidecar = _paths(job)
     return {"index": job.index, "tar": tar.name, "parquet": sidecar.name, **record, "resumed": resumed,
-            "node": _node()}
-
-
-def _node() -> str:
-    """The Ray node the task runs on ("" outside Ray)."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+            "node": ray_node_id()}
 
 
 def _reusable(job: ShardJob) -> dict | None:

@@ -29,6 +29,7 @@ from typing import Iterator
 
 import duckdb
 
+from pipeline.common import duckdb_connect, sql_str
 from trainer.clip.flags import CLI, opt, require, run_main
 from trainer.clip.formats.atomic import atomic_write, atomic_write_json
 from trainer.clip.formats.ledger import (FILTER_MANIFEST, LEDGER_DIR, REASONS, TERMS, LedgerError, ledger_files,
@@ -142,16 +143,11 @@ def resolve(spec: str) -> Source:
 def connect(memory_limit: str) -> Iterator[duckdb.DuckDBPyConnection]:
     """A DuckDB connection held to memory_limit, spilling into a temp dir removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="clipforge-stats-") as spill:
-        con = duckdb.connect(config={"memory_limit": memory_limit.strip(), "temp_directory": spill,
-                                     "preserve_insertion_order": False})
+        con = duckdb_connect(":memory:", memory_limit.strip(), spill)
         try:
             yield con
         finally:
             con.close()
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _column(cols: set[str], name: str, sql_type: str) -> str:
@@ -161,7 +157,7 @@ def _column(cols: set[str], name: str, sql_type: str) -> str:
 def open_ledger(con, files: list[str]) -> set[str]:
     """Views `ledger` (the files as they are) and `v` (k, reason, error_class, language and the metrics, NULL where
     the ledger lacks a column). Returns the ledger's columns."""
-    listed = ", ".join(_quote(f) for f in files)
+    listed = ", ".join(sql_str(f) for f in files)
     try:
         con.execute(f"CREATE TEMP VIEW ledger AS SELECT * FROM read_parquet([{listed}], union_by_name=true)")
         cols = {row[0] for row in con.execute("DESCRIBE ledger").fetchall()}
@@ -259,7 +255,7 @@ def histogram(con, m: Metric, q: dict) -> dict:
 
 def terms_summary(path: Path, con, top: int) -> dict:
     """The terms.parquet of metadata balancing: how many terms, and the `top` most matched."""
-    src = f"read_parquet({_quote(str(path))})"
+    src = f"read_parquet({sql_str(str(path))})"
     try:
         n, before, after = con.execute(f"SELECT count(*), sum(matches_before), sum(kept_after) FROM {src}").fetchone()
         rows = con.execute(f"SELECT CAST(term AS VARCHAR), matches_before, kept_after FROM {src} "

@@ -269,3 +269,34 @@ def test_kill_9_mid_filter_then_rerun_gives_the_same_ledger(tmp_path, ray_local)
     assert read_filter_manifest(out)["reused_features"] >= 2
     ledger = lambda d: {p.name: p.read_bytes() for p in (d / "ledger").glob("*.parquet")}  # noqa: E731
     assert ledger(out) == ledger(tmp_path / "ref") and len(ledger(out)) == 6
+
+
+def test_filter_scores_the_same_with_open_clip_and_hf_checkpoints(crawl, tmp_path, ray_local):
+    """--clip-checkpoint takes whatever the trainer loads: the same weights as an open_clip file and a Hugging Face
+    dir give the clipforge dir's scores. (QuickGELU: a plain OpenAI-layout file does not record its activation,
+    and the loader assumes OpenAI's.)"""
+    import dataclasses
+
+    import torch
+
+    from trainer.clip.checkpoint import export_hf, export_open_clip, save_model
+    from trainer.clip.configs import get_config
+    from trainer.clip.model import CLIP
+
+    torch.manual_seed(1)
+    model = CLIP(dataclasses.replace(get_config("tiny"), quick_gelu=True)).eval()
+    paths = {"clipforge": str(save_model(model, tmp_path / "cf")),
+             "open_clip": str(export_open_clip(model, tmp_path / "oc" / "model.pt"))}
+    export_hf(model, tmp_path / "hf")
+    paths["hf"] = str(tmp_path / "hf")
+    scores = {}
+    for name, path in paths.items():
+        out = tmp_path / name
+        assert filt.main([str(crawl), str(out), "--preset", "none", "--clip-checkpoint", path,
+                          "--progress-interval-s", "0"]) == 0
+        scores[name] = {k: r["clip_score"] for k, r in _ledger(out).items()}
+    assert sum(v is not None for v in scores["clipforge"].values()) == 40
+    for name in ("open_clip", "hf"):
+        assert scores[name].keys() == scores["clipforge"].keys()
+        for k, v in scores["clipforge"].items():
+            assert (v is None and scores[name][k] is None) or abs(v - scores[name][k]) < 1e-3, (name, k)
