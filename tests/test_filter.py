@@ -162,6 +162,15 @@ def test_filter_stage_on_a_crawl(crawl, tmp_path, ray_local):
     assert terms["cat"]["kept_after"] == kept_cats and terms["dog"]["matches_before"] == 15
     counts = dict(duckdb.sql(f"select reason, count(*) from '{out}/ledger/*.parquet' group by 1").fetchall())
     assert counts[None] == m["kept"]
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = shutil.which("duckdb", path=str(Path(sys.executable).parent))  # the README's command, from the venv
+    shown = subprocess.run([cli, "-csv", "-c", f"select reason, count(*) from '{out}/ledger/*.parquet' group by 1"],
+                           capture_output=True, text=True, check=True).stdout
+    assert f"near_duplicate,{counts['near_duplicate']}" in shown.splitlines()
 
     before = {p.name: p.read_bytes() for p in (out / "ledger").glob("*.parquet")}
     assert filt.main(argv) == 0  # rerun: the features are reused, the ledger comes out the same
