@@ -11,6 +11,7 @@
     clipforge eval --checkpoint C ...   zero-shot, retrieval, linear probe            (trainer.evaluate)
     clipforge index --shards D ...      embed images + FAISS index                    (indexing.build)
     clipforge search "a red apple"      text -> image search                          (indexing.search)
+    clipforge serve INDEX_DIR           HTTP search service + web page over an index  (indexing.serve)
     clipforge demo                      all of the above on the sample web            (pipeline.demo)
 
 Only each stage's `main(argv)` is imported, and only when its subcommand runs.
@@ -33,6 +34,7 @@ COMMANDS = {
     "eval": ("trainer.evaluate", "main", "zero-shot, retrieval and linear-probe evaluation"),
     "index": ("indexing.build", "main", "embed images and build a FAISS index"),
     "search": ("indexing.search", "main", "text-to-image search in an index"),
+    "serve": ("indexing.serve", "main", "HTTP search service + web page over an index"),
     "demo": ("pipeline.demo", "main", "run every stage on the sample web"),
 }
 

@@ -7,6 +7,7 @@ import pytest
 from indexing.build import IndexConfig
 from indexing.report import ReportConfig
 from indexing.search import SearchConfig
+from indexing.serve import ServeConfig
 from pipeline import cli
 from pipeline.crawl import CrawlConfig
 from pipeline.demo import DemoConfig
@@ -22,7 +23,7 @@ from trainer.train import parse_args
 
 CONFIGS = [TrainConfig, RayLaunchConfig, EvalRunConfig, CrawlConfig, FilterConfig, ShardConfig, StatsConfig,
            DemoConfig,
-           BuildCommand, ServeCommand, IndexConfig, SearchConfig, ReportConfig]
+           BuildCommand, ServeCommand, IndexConfig, SearchConfig, ReportConfig, ServeConfig]
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
@@ -52,6 +53,8 @@ PRINTED = {
     "eval": (["--checkpoint", "c", "--retrieval", "r", "--lp-cs", "1", "2"], lambda c: c["lp_cs"] == [1.0, 2.0]),
     "index": (["--shards", "s", "--checkpoint", "c", "--out", "o", "--tiny"], lambda c: c["batch_size"] == 8),
     "search": (["a red apple", "a dog", "--k", "3"], lambda c: c["queries"] == ["a red apple", "a dog"]),
+    "serve": (["idx", "--port", "9000", "--max-k", "7"],
+              lambda c: c["index_dir"] == "idx" and c["port"] == 9000 and c["max_k"] == 7 and c["host"] == "127.0.0.1"),
     "demo": (["--tiny", "--query", "x", "--query", "y"], lambda c: c["queries"] == ["x", "y"] and c["steps"] == 6),
 }
 

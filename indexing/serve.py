@@ -1,0 +1,497 @@
+"""The search service: an HTTP API and a web page over an index dir written by indexing.build.
+
+    clipforge serve INDEX_DIR [--host 127.0.0.1] [--port 8080] [--token T]        (= python -m indexing.serve)
+
+Reads INDEX_DIR (trainer.clip.formats.index) through indexing.search.Searcher, and the shard tars its metadata
+points at: only the members listed there, by offset/size. Writes nothing but DuckDB's spill files (--duckdb-temp-dir)
+while it evaluates a filter; a restart just reloads the index. With --token, every route but / (a static page) and
+/healthz needs `Authorization: Bearer TOKEN`; a host that is not a loopback address requires a token.
+
+    POST /search        {"text" | "embedding", "k", "columns", "filter", "dedup"} -> {"results": [...], "notes": [...]}
+    POST /search/image  multipart: file (+ form fields k, columns, filter, dedup) -> the same answer
+    GET  /image/{id}    the image bytes;  GET /healthz, /metrics (Prometheus text), /openapi.json, / (the web page)
+
+`filter` is a small boolean language over the metadata columns (indexing.serve_filter), re-emitted as SQL so no
+client text reaches DuckDB verbatim. DuckDB evaluates each distinct filter once, streaming over metadata.parquet, into
+a bitmap of allowed ids (N/8 bytes, bounded LRU); a filtered or deduplicated search widens k (x4 a round, up to N or
+--max-candidates) until it has k hits. Every bad input is a 4xx JSON {"detail": ...}.
+"""
+from __future__ import annotations
+
+import hmac
+import io
+import ipaddress
+import math
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, NoReturn
+
+import numpy as np
+import pyarrow as pa
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.routing import Match
+
+from indexing.search import Searcher, SearchError
+from indexing.serve_filter import FilterCache, FilterError, IdSet
+from trainer.clip.flags import CLI, opt, require, run_main
+from trainer.clip.formats.index import META_FILE
+
+IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+MAX_IMAGE_PIXELS = 64_000_000  # an upload larger than this (decoded) is refused before it is decoded
+UPLOAD_SLACK = 64 << 10        # multipart framing and form fields allowed on top of --max-upload-bytes
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServeConfig:
+    """clipforge serve INDEX_DIR"""
+    index_dir: str = opt("", positional=True, help="INDEX_DIR written by indexing.build")
+    host: str = opt("127.0.0.1", help="interface to bind; anything but a loopback address needs --token")
+    port: int = opt(8080, help="TCP port")
+    max_k: int = opt(100, help="the largest k a request may ask for")
+    max_body_bytes: int = opt(1 << 20, help="the largest JSON request body (413 above it)")
+    max_upload_bytes: int = opt(10 << 20, help="the largest image upload (413 above it)")
+    token: str = opt("", help="bearer token that every route but / and /healthz requires (required off loopback)")
+    device: str = opt("cpu", help="torch device of the query encoders")
+    max_filter_chars: int = opt(1000, help="the longest filter expression accepted")
+    filter_cache: int = opt(16, help="how many filters' allowed-id bitmaps (N/8 bytes each) are kept (LRU)")
+    max_candidates: int = opt(100_000, help="the most neighbours a filtered / deduplicated search looks through")
+    duckdb_memory: str = opt("1GB", help="DuckDB memory_limit for filter evaluation (it spills to disk beyond)")
+    duckdb_temp_dir: str = opt("", help="DuckDB spill dir (default: clipforge-serve-duckdb in the system temp dir)")
+
+    def __post_init__(self):
+        for name in ("max_k", "max_body_bytes", "max_upload_bytes", "max_filter_chars", "filter_cache",
+                     "max_candidates"):
+            require(self, name, getattr(self, name) >= 1, "must be >= 1")
+        require(self, "port", 0 <= self.port <= 65535, "must be in [0, 65535]")
+        require(self, "duckdb_memory", re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", self.duckdb_memory, re.I) is not None,
+                "must be a size such as 512MB or 4GB")
+        require(self, "token", bool(self.token) or is_loopback(self.host),
+                f"is required when --host {self.host!r} is not a loopback address")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+METHODS = {"GET", "POST", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"}
+
+
+class Metrics:
+    """Request counts by route / method / status and a latency histogram by route, in Prometheus text format."""
+
+    def __init__(self, num_vectors: int):
+        self.num_vectors, self.lock = num_vectors, threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[str, list] = {}  # route -> cumulative bucket counts + [sum, count]
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        method = method if method in METHODS else "OTHER"
+        with self.lock:
+            key = (route, method, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            h = self.latency.setdefault(route, [0] * len(BUCKETS) + [0.0, 0])
+            for j, le in enumerate(BUCKETS):
+                h[j] += seconds <= le
+            h[-2] += seconds
+            h[-1] += 1
+
+    def render(self) -> str:
+        req, lat = "clipforge_serve_requests_total", "clipforge_serve_request_duration_seconds"
+        lines = [f"# HELP {req} HTTP requests by route, method and status.", f"# TYPE {req} counter"]
+        with self.lock:
+            for (route, method, status), n in sorted(self.requests.items()):
+                lines.append(f'{req}{{route="{route}",method="{method}",status="{status}"}} {n}')
+            lines += [f"# HELP {lat} Request latency by route.", f"# TYPE {lat} histogram"]
+            for route, h in sorted(self.latency.items()):
+                lines += [f'{lat}_bucket{{route="{route}",le="{le}"}} {c}' for le, c in zip(BUCKETS, h)]
+                lines += [f'{lat}_bucket{{route="{route}",le="+Inf"}} {h[-1]}', f'{lat}_sum{{route="{route}"}} '
+                          f"{h[-2]:.6f}", f'{lat}_count{{route="{route}"}} {h[-1]}']
+        gauge = "clipforge_serve_index_vectors"
+        lines += [f"# HELP {gauge} Vectors in the served index.", f"# TYPE {gauge} gauge",
+                  f"{gauge} {self.num_vectors}"]
+        return "\n".join(lines) + "\n"
+
+
+class Guard:
+    """ASGI middleware around the routes: metrics for every response, the bearer token, the request size limits
+    (a declared Content-Length over the limit is refused unread; a streamed body is counted as it arrives)."""
+
+    def __init__(self, app, cfg: ServeConfig, metrics: Metrics, routes: list):
+        self.app, self.cfg, self.metrics, self.routes = app, cfg, metrics, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route, t0, status = self._route(scope), time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_status)
+        finally:
+            self.metrics.observe(route, scope["method"], status[0], time.perf_counter() - t0)
+
+    def _route(self, scope) -> str:
+        partial = None
+        for r in self.routes:
+            match, _ = r.matches(scope)
+            if match == Match.FULL:
+                return r.path
+            partial = partial or (r.path if match == Match.PARTIAL else None)
+        return partial or "unmatched"
+
+    async def _guarded(self, scope, receive, send):
+        def refuse(code: int, detail: str, **headers):
+            return JSONResponse({"detail": detail}, status_code=code, headers=headers)(scope, receive, send)
+
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        authorized = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("latin-1"),
+                                                                        self.cfg.token.encode())
+        if self.cfg.token and scope["path"] not in ("/", "/healthz") and not authorized:
+            return await refuse(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
+        upload = scope["path"] == "/search/image"
+        limit = self.cfg.max_upload_bytes + UPLOAD_SLACK if upload else self.cfg.max_body_bytes
+        too_big = f"request body over {limit} bytes" + (" (--max-upload-bytes)" if upload else " (--max-body-bytes)")
+        declared = headers.get(b"content-length")
+        if declared is not None and not declared.isdigit():
+            return await refuse(400, "bad Content-Length header")
+        if declared is not None and int(declared) > limit:
+            return await refuse(413, too_big)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size, more = size + len(chunks[-1]), message.get("more_body", False)
+            if size > limit:
+                return await refuse(413, too_big)
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():  # the buffered body once, then the client's own messages (http.disconnect)
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+# ----------------------------------------------------------------------------------------------- search
+def bad(status: int, detail: str) -> NoReturn:
+    raise HTTPException(status_code=status, detail=detail)
+
+
+class SearchService:
+    """The app's state: the Searcher, the query encoders, the filter cache and the (filtered, deduplicated) search."""
+
+    def __init__(self, cfg: ServeConfig, searcher: Searcher):
+        from trainer.clip.transform import image_transform  # the eval transform the index was built with
+
+        self.cfg, self.s = cfg, searcher
+        self.n, self.dim, self.columns = searcher.num_vectors, int(searcher.index.d), list(searcher.meta.column_names)
+        self.filters = FilterCache(searcher.index_dir / META_FILE, self.n, self.columns, cfg.max_filter_chars,
+                                   cfg.filter_cache, cfg.duckdb_memory, cfg.duckdb_temp_dir)
+        self.preprocess = image_transform(searcher.model.config.vision.image_size, train=False)
+        try:
+            self.can_reconstruct = self.n > 0 and searcher.index.reconstruct(0) is not None
+        except RuntimeError:  # e.g. IVF without a direct map
+            self.can_reconstruct = False
+
+    def embedding_vector(self, values: list[float]) -> np.ndarray:
+        x = np.asarray(values, np.float64).reshape(1, -1)
+        if x.shape[1] != self.dim:
+            bad(400, f"embedding has {x.shape[1]} dimensions; the index has {self.dim}")
+        norm = float(np.linalg.norm(x))
+        if not math.isfinite(norm) or norm == 0:
+            bad(400, "embedding must be a non-zero vector of finite numbers")
+        return (x / norm).astype(np.float32)
+
+    def image_vector(self, data: bytes) -> np.ndarray:
+        import torch
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    bad(400, f"image of {img.width}x{img.height} pixels is too large")
+                img.load()
+                x = self.preprocess(img.convert("RGB"))[None].to(self.cfg.device)       # [1, 3, S, S]
+        except HTTPException:
+            raise
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+            bad(400, "the upload is not a decodable image (jpg, png, webp, ...)")
+        with torch.inference_mode():
+            feats = torch.nn.functional.normalize(self.s.model.encode_image(x).float(), dim=-1)
+        return feats.cpu().numpy().astype(np.float32)
+
+    def search(self, query: Callable[[], np.ndarray], k: int, columns: list[str], expr: str | None,
+               dedup: float | None) -> dict:
+        """query() -> float32[1, D] normalised, called once the cheap checks passed -> {"results": up to k rows,
+        score descending, "notes": [...]}."""
+        if k > self.cfg.max_k:
+            bad(422, f"k={k} is over the limit of {self.cfg.max_k}")
+        unknown = [c for c in columns if c not in self.columns]
+        if unknown:
+            bad(400, f"unknown columns {unknown} (columns: {', '.join(self.columns)})")
+        notes = []
+        if dedup is not None and not self.can_reconstruct:
+            notes.append(f"dedup skipped: this index ({self.s.info.get('factory')}) cannot reconstruct vectors")
+            dedup = None
+        try:
+            allowed = self.filters.allowed(expr) if expr is not None else None
+        except FilterError as e:
+            bad(400, f"bad filter: {e}")
+        scores, ids = self._gather(query(), k, allowed, dedup, notes)
+        return {"results": self.rows(scores, ids, columns), "notes": notes}
+
+    def _gather(self, xq, k, allowed: IdSet | None, dedup: float | None, notes: list) -> tuple[np.ndarray, np.ndarray]:
+        if self.n == 0 or (allowed is not None and allowed.count == 0):
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        cap = min(self.n, max(self.cfg.max_candidates, k))
+        kk = min(cap, k if allowed is None and dedup is None else 4 * k)
+        while True:
+            scores, ids = self.s.index.search(xq, kk)                          # [1, kk] each; id -1 = no result
+            keep = ids[0] >= 0
+            scores, ids = scores[0][keep], ids[0][keep]
+            if allowed is not None:
+                m = allowed.contains(ids)
+                scores, ids = scores[m], ids[m]
+            order = np.argsort(-scores, kind="stable")
+            scores, ids = scores[order], ids[order]
+            if dedup is not None:
+                scores, ids = self._dedup(scores, ids, dedup, k)
+            if len(ids) >= k or kk >= cap:
+                break
+            kk = min(cap, kk * 4)
+        if len(ids) < k and cap < self.n:
+            notes.append(f"looked through the nearest {cap} vectors only (--max-candidates)")
+        return scores[:k], ids[:k]
+
+    def _dedup(self, scores: np.ndarray, ids: np.ndarray, threshold: float, k: int):
+        """Greedy, in score order: drop a hit whose cosine to an already kept hit is >= threshold."""
+        kept, vecs = [], np.zeros((0, self.dim), np.float32)
+        for j, i in enumerate(ids):
+            v = np.asarray(self.s.index.reconstruct(int(i)), np.float32)
+            v = v / max(float(np.linalg.norm(v)), 1e-12)
+            if len(vecs) and float(np.max(vecs @ v)) >= threshold:
+                continue
+            kept.append(j)
+            vecs = np.vstack([vecs, v[None]])
+            if len(kept) == k:
+                break
+        return scores[kept], ids[kept]
+
+    def rows(self, scores: np.ndarray, ids: np.ndarray, columns: list[str]) -> list[dict]:
+        names = list(dict.fromkeys(["key", "caption", "url", *columns]))
+        table = self.s.meta.select(names).take(pa.array(ids, pa.int64()))
+        return [{"id": int(i), "score": float(s), **row} for s, i, row in zip(scores, ids, table.to_pylist())]
+
+    def image(self, i: int) -> tuple[bytes, str]:
+        """The bytes and content type of vector i's image: its metadata row's member of its shard, nothing else."""
+        if not 0 <= i < self.n:
+            bad(404, f"no image {i}: ids are 0..{self.n - 1}")
+        row = self.s.meta.slice(i, 1).to_pylist()[0]
+        member = row.get("member") or f"{row['key']}.jpg"
+        root = self.s.shards_dir.resolve()
+        if not (path := (root / str(row["shard"])).resolve()).is_relative_to(root):
+            bad(404, f"no image {i}")
+        try:
+            with open(path, "rb") as f:
+                f.seek(int(row["offset"]))
+                data = f.read(int(row["size"]))
+        except OSError as e:
+            print(f"clipforge serve: cannot read image {i} from {path}: {e}", file=sys.stderr)
+            bad(503, f"image {i} cannot be read from its shard")
+        if len(data) != int(row["size"]):
+            bad(503, f"image {i}: its shard is truncated")
+        return data, IMAGE_TYPES.get(member.rpartition(".")[2].lower(), "application/octet-stream")
+
+
+# ----------------------------------------------------------------------------------------------- the app
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, max_length=2000, description="a text query")
+    embedding: list[FiniteFloat] | None = Field(None, max_length=65536, description="a query vector (normalised here)")
+    k: int = Field(10, ge=1, description="results wanted (at most --max-k)")
+    columns: list[str] = Field(default_factory=list, max_length=64, description="metadata columns to add to each row")
+    filter: str | None = Field(None, description="e.g. caption ILIKE '%dog%' AND size > 1000")
+    dedup: float | None = Field(None, gt=0, le=1, description="drop results this cosine-close to a better one")
+
+    @model_validator(mode="after")
+    def _one_query(self):
+        if (self.text is None) == (self.embedding is None):
+            raise ValueError("give exactly one of text or embedding")
+        return self
+
+
+class SearchResponse(BaseModel):
+    results: list[dict[str, Any]]
+    notes: list[str] = []
+
+
+def content_type(expected: str):
+    def check(request: Request) -> None:
+        got = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if got != expected:
+            bad(415, f"expected Content-Type {expected}, got {got or 'none'}")
+    return check
+
+
+def create_app(cfg: ServeConfig, searcher: Searcher | None = None) -> FastAPI:
+    """The service over cfg.index_dir (or over `searcher`, already loaded). SearchError when the index is bad."""
+    svc = SearchService(cfg, searcher or Searcher(cfg.index_dir, device=cfg.device))
+    metrics = Metrics(svc.n)
+    app = FastAPI(title="clipforge search", summary="Text / embedding / image search over a clipforge index",
+                  docs_url=None, redoc_url=None)
+    app.state.service, app.state.metrics = svc, metrics
+    _add_routes(app, svc, metrics)
+
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        print(f"clipforge serve: {request.method} {request.url.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each bad "input" back: a NaN there cannot be encoded (a 500), a huge one is waste
+        errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(Exception, internal_error)
+    app.add_middleware(Guard, cfg=cfg, metrics=metrics, routes=app.router.routes)
+    return app
+
+
+def _add_routes(app: FastAPI, svc: SearchService, metrics: Metrics) -> None:
+    cfg = svc.cfg
+
+    @app.post("/search", response_model=SearchResponse, dependencies=[Depends(content_type("application/json"))])
+    def search(req: SearchRequest):
+        if req.text is not None:
+            return svc.search(lambda: svc.s.encode([req.text]), req.k, req.columns, req.filter, req.dedup)
+        xq = svc.embedding_vector(req.embedding)
+        return svc.search(lambda: xq, req.k, req.columns, req.filter, req.dedup)
+
+    @app.post("/search/image", response_model=SearchResponse,
+              dependencies=[Depends(content_type("multipart/form-data"))])
+    def search_image(file: UploadFile = File(..., description="the query image"), k: int = Form(10, ge=1),
+                     columns: list[str] = Form([], description="repeat the field, or separate with commas"),
+                     filter: str | None = Form(None), dedup: float | None = Form(None, gt=0, le=1)):
+        data = file.file.read(cfg.max_upload_bytes + 1)
+        if len(data) > cfg.max_upload_bytes:
+            bad(413, f"upload over {cfg.max_upload_bytes} bytes (--max-upload-bytes)")
+        cols = [c.strip() for value in columns for c in value.split(",") if c.strip()]
+        return svc.search(lambda: svc.image_vector(data), k, cols, filter or None, dedup)
+
+    @app.get("/image/{id}", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+    def image(id: int):
+        data, media_type = svc.image(id)
+        return Response(data, media_type=media_type,
+                        headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/healthz")
+    def healthz():
+        info = svc.s.info
+        index = {"format": info.get("format"), "factory": info.get("factory"), "dim": svc.dim,
+                 "metric": info.get("metric"), "search_params": svc.s.search_params, "columns": svc.columns}
+        return {"status": "ok", "num_vectors": svc.n, "index": index}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return HTMLResponse(PAGE)
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>clipforge search</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;background:#fafafa}
+form{display:flex;gap:.5em;flex-wrap:wrap;margin-bottom:1em}
+input[name=q]{flex:2 1 18em} input[name=filter]{flex:1 1 14em}
+#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:.8em}
+figure{margin:0;background:#fff;border:1px solid #ddd;padding:.4em}
+figure img{width:100%;height:160px;object-fit:cover;cursor:zoom-in}
+figcaption{font-size:12px;word-break:break-word} .score{color:#666} #msg{color:#a00}
+</style></head><body>
+<h1>clipforge search</h1>
+<form id="search">
+<input name="q" placeholder="a red apple" required autofocus>
+<input name="filter" placeholder="filter, e.g. caption ILIKE '%dog%'">
+<input name="k" type="number" min="1" value="24" style="width:5em" title="results">
+<input name="token" type="password" placeholder="token (if the server has one)">
+<button>Search</button>
+</form>
+<div id="msg"></div><div id="grid"></div>
+<script>
+const form = document.getElementById("search"), grid = document.getElementById("grid"),
+      msg = document.getElementById("msg");
+const auth = () => form.token.value ? {"Authorization": "Bearer " + form.token.value} : {};
+async function imageUrl(id) {  // with a token, <img src> cannot send it: fetch the bytes and show a blob
+  if (!form.token.value) return "image/" + id;
+  const r = await fetch("image/" + id, {headers: auth()});
+  return URL.createObjectURL(await r.blob());
+}
+function show(hit) {
+  const fig = document.createElement("figure"), img = document.createElement("img"),
+        cap = document.createElement("figcaption"), score = document.createElement("span");
+  img.alt = hit.caption || ""; img.loading = "lazy";
+  imageUrl(hit.id).then(url => { img.src = url; });
+  img.onclick = () => window.open(img.src, "_blank");
+  cap.textContent = (hit.caption || "") + " ";
+  score.className = "score"; score.textContent = hit.score.toFixed(3);
+  cap.append(score); fig.append(img, cap); grid.append(fig);
+}
+form.onsubmit = async (event) => {
+  event.preventDefault(); msg.textContent = ""; grid.replaceChildren();
+  const body = {text: form.q.value, k: Number(form.k.value) || 24};
+  if (form.filter.value.trim()) body.filter = form.filter.value;
+  const r = await fetch("search", {method: "POST", body: JSON.stringify(body),
+                                   headers: {"Content-Type": "application/json", ...auth()}});
+  const data = await r.json();
+  if (!r.ok) { msg.textContent = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail); return; }
+  msg.textContent = data.results.length ? data.notes.join("; ") : "no results";
+  data.results.forEach(show);
+};
+</script></body></html>
+"""
+
+
+def run(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    app = create_app(cfg)
+    print(f"clipforge serve: {cfg.index_dir} ({app.state.service.n} vectors) on http://{cfg.host}:{cfg.port}/",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", server_header=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = CLI(ServeConfig, prog="clipforge serve", description=__doc__.split("\n\n")[0])
+    # ValueError: the trainer's CheckpointError (the index's checkpoint is missing or corrupt)
+    return run_main(cli, argv, run, (SearchError, OSError, ValueError), prefix="clipforge serve")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
