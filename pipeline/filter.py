@@ -130,7 +130,7 @@ def check(cfg: FilterConfig) -> None:
 
 
 # ---- the driver --------------------------------------------------------------------------------------------------
-def _fingerprint(cfg: FilterConfig, what: dict) -> str:
+def _fingerprint(what: dict) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -139,19 +139,19 @@ def _features_fingerprint(cfg: FilterConfig) -> str:
 
     b = cfg.balance
     terms = terms_fingerprint(b.metadata_terms, b.case_sensitive) if b.enabled else ""
-    return _fingerprint(cfg, {"rules": asdict(cfg.rules), "phash": cfg.dedup.near_dup, "terms": terms,
+    return _fingerprint({"rules": asdict(cfg.rules), "phash": cfg.dedup.near_dup, "terms": terms,
                               "require_images": cfg.require_images, "v": 1})
 
 
 def _jobs(cfg: FilterConfig, ids: list[int], **extra):
     from pipeline.filter_part import PartJob
 
-    b = cfg.balance
+    b, fingerprint = cfg.balance, _features_fingerprint(cfg)  # once: it hashes the term list
     return [PartJob(shard_id=i, crawl_dir=os.path.abspath(cfg.crawl_dir), filter_dir=os.path.abspath(cfg.output_dir),
                     rules=asdict(cfg.rules), phash=cfg.dedup.near_dup,
                     terms=os.path.abspath(b.metadata_terms) if b.enabled else "", case_sensitive=b.case_sensitive,
                     require_images=cfg.require_images,
-                    fingerprint=_features_fingerprint(cfg), **extra) for i in ids]
+                    fingerprint=fingerprint, **extra) for i in ids]
 
 
 def _run_parts(name: str, fn, jobs: list, cfg: FilterConfig, rows: int) -> tuple[dict, dict]:
@@ -236,7 +236,7 @@ def _manifest(cfg, ids, parts, failed, feats, scored, steps, timings, seconds) -
     worker_rss = max([r.get("peak_rss", 0) for r in (*feats.values(), *parts.values())] or [0])
     what = {"cfg": asdict(cfg.rules), "clip": asdict(cfg.clip), "dedup": asdict(cfg.dedup),
             "balance": asdict(cfg.balance), "crawl": os.path.abspath(cfg.crawl_dir), "parts": sorted(parts)}
-    m = {"config": asdict(cfg), "crawl_dir": os.path.abspath(cfg.crawl_dir), "fingerprint": _fingerprint(cfg, what),
+    m = {"config": asdict(cfg), "crawl_dir": os.path.abspath(cfg.crawl_dir), "fingerprint": _fingerprint(what),
          "input_rows": rows, "kept": sum(p["kept"] for p in parts.values()), "dropped": dropped,
          "parts": [{"part": part_name(i), "rows": parts[i]["rows"], "kept": parts[i]["kept"],
                     "node_features": feats[i].get("node", ""), "node_ledger": parts[i].get("node", "")}

@@ -61,7 +61,7 @@ def _clip_step(con, cfg, drops: Path) -> dict:
     return {"threshold": thr, "mode": c.clip_mode}
 
 
-def _steps(cfg, ids: list[int], work: Path):
+def _steps(cfg, work: Path):
     """(reason, run(con, drops) -> extra info) of the steps the config turns on, in REASONS order."""
     from pipeline import dedup
     from pipeline.balance import balance
@@ -104,7 +104,7 @@ def run_global(cfg, ids: list[int]) -> dict:
     work = Path(cfg.output_dir) / WORK_DIR / "global"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    steps = _steps(cfg, ids, work)
+    steps = _steps(cfg, work)
     out: dict = {}
     if not steps or not ids:
         return out

@@ -20,7 +20,7 @@ import hashlib
 import os
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,6 @@ class PartJob:
     fingerprint: str = ""             # of the stage settings that change the features
     drops: tuple = ()                 # assemble: the global steps' drop files
     clusters: str = ""                # assemble: the semantic dedup's cluster file ("" = none)
-    extra: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:  # what run_tasks prints on a retry
         return part_name(self.shard_id)
