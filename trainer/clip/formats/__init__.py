@@ -5,7 +5,8 @@
     ledger     FILTER_DIR: ledger/part-NNNNN.parquet (every crawled row, every decision), emb/, terms.parquet,
                filter_manifest.json
     shards     SHARDS_DIR: manifest.json + shard-XXXXX.tar / .parquet, img2dataset dirs, the member-name rule
-    index      INDEX_DIR: image.index (FAISS) + metadata.parquet + index.json
+    embeddings EMBED_DIR: emb/img|txt-XXXXX.npy (row-aligned with meta/XXXXX.parquet) + embed.json
+    index      INDEX_DIR: builds/<id>/{image.index (FAISS), metadata.parquet, report.json} + index.json (the swap)
 
 Model checkpoints (DIR/model.safetensors + config.json) are trainer.clip.checkpoint's. Nothing here imports
 torch, deepspeed or ray.

@@ -1,56 +1,184 @@
-"""The index dir contract: what `clipforge index` writes and `clipforge search` reads.
+"""The index dir contract: what `clipforge index` writes and `clipforge search` / `clipforge serve` read.
 
-    INDEX_DIR/image.index       a FAISS index over L2-normalised image embeddings, inner product (= cosine);
-                                vector id i is row i of the metadata
-    INDEX_DIR/metadata.parquet  one row per vector: key, caption, url, shard (tar path relative to shards_dir),
-                                member (the image's name in the tar), offset and size (its bytes in the tar)
-    INDEX_DIR/index.json        {"format": "clipforge.index.v1", "checkpoint", "shards_dir", "dim", "num_vectors",
-                                "factory", "metric", "search_params", ...}: written last, the commit marker
+An index dir is one versioned unit. Each build lives in its own folder; `index.json` names the current one and is
+the commit marker (replaced atomically, so a rebuild swaps the whole set at once):
 
-Each file is written atomically, index.json after the other two, so a reader that finds index.json finds the
-index and metadata it describes (a rebuild replaces all three). No faiss here: the caller writes the index.
+    INDEX_DIR/index.json                      {"format": INDEX_FORMAT, "build_id", "build": "builds/<build_id>",
+                                               "weights_sha256", "checkpoint", "embeddings", "shards_dir", "dim",
+                                               "num_vectors", "factory", "metric", "search_params",
+                                               "files": {name: bytes}, ...}: written last
+    INDEX_DIR/builds/<build_id>/image.index   the FAISS index over L2-normalised image embeddings, inner product
+                                              (= cosine); vector id i is row i of metadata.parquet. An index merged
+                                              on disk also has image.ivfdata (its inverted lists, memory-mapped)
+    INDEX_DIR/builds/<build_id>/metadata.parquet
+                                              one row per vector: METADATA_SCHEMA's columns first (key, caption,
+                                              url, shard = tar path relative to shards_dir, member, offset and
+                                              size of the image bytes in the tar), then the pipeline's columns;
+                                              schema metadata {"build_id", "weights_sha256"}
+    INDEX_DIR/builds/<build_id>/report.json   {"build_id", "weights_sha256", the choice and its reasons, recall@k,
+                                              QPS, latency, bytes, build time}
+    INDEX_DIR/builds/<build_id>/build.json    a copy of index.json (a build folder describes itself)
+
+A reader (open_index_set) refuses a set whose metadata, report or index files do not carry / match the build id,
+the weights hash, the vector count or the recorded sizes. commit_build keeps the previous build (a reader that
+read the old index.json can still open it) and removes older ones. No faiss here: the caller writes the index.
 """
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 
 from trainer.clip.formats.atomic import atomic_write, atomic_write_json, read_json
 
-INDEX_FORMAT = "clipforge.index.v1"
-INDEX_FILE, META_FILE, INFO_FILE = "image.index", "metadata.parquet", "index.json"
+INDEX_FORMAT = "clipforge.index.v2"
+INDEX_FILE, IVFDATA_FILE, META_FILE, REPORT_FILE, BUILD_FILE = (
+    "image.index", "image.ivfdata", "metadata.parquet", "report.json", "build.json")
+INFO_FILE, BUILDS_DIR = "index.json", "builds"
 METADATA_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("url", pa.string()),
                              ("shard", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
                              ("size", pa.int64())])
+METADATA_COLUMNS = tuple(METADATA_SCHEMA.names)
+KEEP_BUILDS = 2  # the current build and the one before it
 
 
 class IndexFormatError(ValueError):
-    """An index dir is missing or of an unknown format."""
+    """An index dir is missing, of an unknown format, or a mismatched set."""
 
 
-def write_index_dir(out: str | Path, write_index: Callable[[str], object], metadata: pa.Table, info: dict) -> None:
-    """write_index(path) writes the FAISS index; metadata follows METADATA_SCHEMA; info becomes index.json."""
+def new_build_id() -> str:
+    """Sortable and unique: UTC time + random suffix, e.g. 20261201T183000Z-3f9a1c."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def build_dir(index_dir: str | Path, build_id: str) -> Path:
+    return Path(index_dir) / BUILDS_DIR / build_id
+
+
+def write_metadata(path: str | Path, table: pa.Table, build_id: str, weights_sha256: str) -> None:
+    """metadata.parquet of a build, atomically: METADATA_SCHEMA's columns first (cast), the others after."""
     import pyarrow.parquet as pq
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / INDEX_FILE, write_index)
-    atomic_write(out / META_FILE, lambda tmp: pq.write_table(metadata.cast(METADATA_SCHEMA), tmp))
-    atomic_write_json(out / INFO_FILE, {"format": INDEX_FORMAT, **info})
+    own = table.select(list(METADATA_COLUMNS)).cast(METADATA_SCHEMA)
+    extra = [c for c in table.column_names if c not in METADATA_COLUMNS]
+    schema = pa.schema([*METADATA_SCHEMA, *(table.schema.field(c) for c in extra)]).with_metadata(
+        {"build_id": build_id, "weights_sha256": weights_sha256})
+    out = pa.Table.from_arrays([*own.columns, *(table.column(c) for c in extra)], schema=schema)
+    atomic_write(path, lambda tmp: pq.write_table(out, tmp, row_group_size=64_000))
+
+
+def metadata_writer_schema(schema: pa.Schema, build_id: str, weights_sha256: str) -> pa.Schema:
+    """The schema (with the build's tags) for writing metadata.parquet in batches with a ParquetWriter: the
+    caller's columns must start with METADATA_COLUMNS."""
+    if tuple(schema.names[:len(METADATA_COLUMNS)]) != METADATA_COLUMNS:
+        raise ValueError(f"metadata columns must start with {', '.join(METADATA_COLUMNS)}")
+    return schema.with_metadata({"build_id": build_id, "weights_sha256": weights_sha256})
+
+
+def write_report(path: str | Path, report: dict, build_id: str, weights_sha256: str) -> None:
+    atomic_write_json(path, {**report, "build_id": build_id, "weights_sha256": weights_sha256})
+
+
+def commit_build(index_dir: str | Path, build_id: str, info: dict) -> dict:
+    """Make build `build_id` (its index, metadata and report already written) the current one: records the file
+    sizes, writes build.json, then index.json (the swap), then prunes builds older than the previous one."""
+    index_dir = Path(index_dir)
+    root = build_dir(index_dir, build_id)
+    for name in (INDEX_FILE, META_FILE, REPORT_FILE):
+        if not (root / name).is_file():
+            raise IndexFormatError(f"cannot commit build {build_id}: {root / name} is missing")
+    files = {p.name: p.stat().st_size for p in sorted(root.iterdir()) if p.name in (INDEX_FILE, IVFDATA_FILE)}
+    info = {"format": INDEX_FORMAT, **info, "build_id": build_id, "build": f"{BUILDS_DIR}/{build_id}",
+            "files": files}
+    atomic_write_json(root / BUILD_FILE, info)
+    atomic_write_json(index_dir / INFO_FILE, info)
+    _prune(index_dir, keep={build_id})
+    return info
+
+
+def _prune(index_dir: Path, keep: set[str]) -> None:
+    builds = index_dir / BUILDS_DIR
+    done = sorted((p for p in builds.iterdir() if p.is_dir() and (p / BUILD_FILE).is_file()),
+                  key=lambda p: p.name)
+    keep = keep | {p.name for p in [p for p in done if p.name not in keep][-(KEEP_BUILDS - 1):]}
+    for p in builds.iterdir():
+        if p.name not in keep and (p / BUILD_FILE).is_file():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_index_info(index_dir: str | Path) -> dict:
-    """INDEX_DIR/index.json, checked. Raises IndexFormatError."""
+    """INDEX_DIR/index.json, checked for format. Raises IndexFormatError."""
     path = Path(index_dir) / INFO_FILE
     if not path.is_file():
-        raise IndexFormatError(f"index not found: {path} does not exist (build one with python -m indexing.build)")
+        raise IndexFormatError(f"index not found: {path} does not exist (build one with `clipforge index`)")
     try:
         info = read_json(path)
     except (OSError, ValueError) as e:
         raise IndexFormatError(f"cannot read {path}: {e}") from e
     if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
         found = info.get("format") if isinstance(info, dict) else None
-        raise IndexFormatError(f"{path}: unknown format {found!r}, expected {INDEX_FORMAT!r}")
+        raise IndexFormatError(f"{path}: unknown format {found!r}, expected {INDEX_FORMAT!r} (rebuild the index "
+                               f"with `clipforge index`)")
     return info
+
+
+@dataclass(frozen=True)
+class IndexSet:
+    """A verified build: where its files are and what index.json says about them."""
+    info: dict
+    root: Path  # INDEX_DIR/builds/<build_id>
+    report: dict
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_FILE
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / META_FILE
+
+    @property
+    def build_id(self) -> str:
+        return self.info["build_id"]
+
+
+def open_index_set(index_dir: str | Path) -> IndexSet:
+    """The current build of INDEX_DIR, with every file checked against index.json. Raises IndexFormatError."""
+    import pyarrow.parquet as pq
+
+    info = read_index_info(index_dir)
+    root = Path(index_dir) / info.get("build", "")
+    bid, sha = info.get("build_id"), info.get("weights_sha256")
+    for name, size in (info.get("files") or {INDEX_FILE: None}).items():
+        path = root / name
+        if not path.is_file() or (size is not None and os.path.getsize(path) != size):
+            raise IndexFormatError(f"mismatched index set in {index_dir}: {path} is missing or not the file build "
+                                   f"{bid} wrote")
+    try:
+        schema = pq.read_schema(root / META_FILE)
+        rows = pq.ParquetFile(root / META_FILE).metadata.num_rows
+        report = read_json(root / REPORT_FILE)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise IndexFormatError(f"mismatched index set in {index_dir}: {e}") from e
+    tags = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    checks = [("metadata build_id", tags.get("build_id"), bid), ("metadata weights_sha256",
+              tags.get("weights_sha256"), sha), ("metadata rows", rows, info.get("num_vectors")),
+              ("report build_id", report.get("build_id"), bid),
+              ("report weights_sha256", report.get("weights_sha256"), sha)]
+    for what, found, want in checks:
+        if found != want:
+            raise IndexFormatError(f"mismatched index set in {index_dir}: {what} is {found!r}, index.json says "
+                                   f"{want!r} (rebuild with `clipforge index`)")
+    return IndexSet(info, root, report)
+
+
+def describe(info: dict) -> str:
+    """One line for logs: build id, vectors, factory, parameters."""
+    return (f"build {info.get('build_id')}: {info.get('num_vectors')} vectors, {info.get('factory')} "
+            f"{json.dumps(info.get('search_params', {}), sort_keys=True)}")
