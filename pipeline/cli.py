@@ -9,7 +9,8 @@
     clipforge train --shards D --out R  CLIP with DeepSpeed ZeRO                      (trainer.train)
     clipforge train-ray --num-workers N -- <train flags>   the same on Ray Train     (trainer.ray_launch)
     clipforge eval --checkpoint C ...   zero-shot, retrieval, linear probe            (trainer.evaluate)
-    clipforge index --shards D ...      embed images + FAISS index                    (indexing.build)
+    clipforge embed SHARDS --checkpoint C --out E   images + captions -> embedding dir   (indexing.embed)
+    clipforge index EMBED_DIR --out I   FAISS index for a memory budget, tuned to recall (indexing.build)
     clipforge search "a red apple"      text -> image search                          (indexing.search)
     clipforge serve INDEX_DIR           HTTP search service + web page over an index  (indexing.serve)
     clipforge demo                      all of the above on the sample web            (pipeline.demo)
@@ -32,7 +33,8 @@ COMMANDS = {
     "train": ("trainer.train", "main", "train CLIP with DeepSpeed ZeRO"),
     "train-ray": ("trainer.ray_launch", "main", "the same training on Ray Train workers"),
     "eval": ("trainer.evaluate", "main", "zero-shot, retrieval and linear-probe evaluation"),
-    "index": ("indexing.build", "main", "embed images and build a FAISS index"),
+    "embed": ("indexing.embed", "main", "embed a shard dir's images + captions (Ray actor pool)"),
+    "index": ("indexing.build", "main", "FAISS index chosen for a memory budget, tuned to measured recall"),
     "search": ("indexing.search", "main", "text-to-image search in an index"),
     "serve": ("indexing.serve", "main", "HTTP search service + web page over an index"),
     "demo": ("pipeline.demo", "main", "run every stage on the sample web"),

@@ -20,36 +20,31 @@ Rerun: a part whose scores parquet carries the same weights sha256, the same fin
 place, is reused; anything else is recomputed. The reuse check runs in the actors, which load the model only
 when a part needs it.
 
-Distribution: a pool of Ray actors, each loading the model once (one GPU each when the cluster has GPUs, else
-`clip_cpus_per_actor` CPUs and as many torch threads). The driver keeps PARTS_PER_ACTOR parts in flight per actor,
-retries a part whose actor raised or died (recreating dead actors, killing one stuck past the task timeout) up to
+Distribution: a pool of Ray actors (raykit.actors), each loading the model once (one GPU each when the cluster
+has GPUs, else `clip_cpus_per_actor` CPUs and as many torch threads), each batch's images read and decoded ahead
+while the model runs (trainer.clip.encode.BatchEncoder). The driver keeps two parts in flight per actor, retries a
+part whose actor raised or died (recreating dead actors, killing one stuck past the task timeout) up to
 `max_shard_retry` times, and reports a part that failed every attempt instead of raising. Actors write the files;
 the driver only sees small per-part counts.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import heapq
-import io
-import itertools
 import os
-import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.distribute import DistributeConfig
+from raykit.actors import actor_plan, run_actors
+from raykit.config import DistributeConfig
+from trainer.clip.encode import BatchEncoder
+from trainer.clip.encode import load_image_at as load_image  # noqa: F401 -- this module's name for it
 from trainer.clip.flags import opt, require
 from trainer.clip.formats.atomic import atomic_open, atomic_write, atomic_write_json
 from trainer.clip.formats.ledger import EMB_DIR, WORK_DIR, embedding_paths, part_name
@@ -60,8 +55,6 @@ EMBEDDING_DTYPES = ("float16", "float32")
 SCORES_DIR = "scores"
 SCORES_SCHEMA = pa.schema([("part_row", pa.int32()), ("clip_score", pa.float32())])
 FEATURE_COLUMNS = ("part_row", "caption", "image_offset", "image_size", "reason")
-PARTS_PER_ACTOR = 2  # one part running, one queued behind it
-MAX_IMAGE_BYTES = 256 << 20  # a larger image_size is a counted decode failure, never a huge read
 FAULT_ENV = "CLIPFORGE_CLIPSCORE_FAULT"  # tests: "die:SHARD" (the first attempt's actor dies) | "raise:SHARD"
 
 
@@ -163,26 +156,6 @@ def _file_size(path: str) -> int:
         return -1
 
 
-def load_image(fd: int, offset: int, size: int, preprocess: Callable):
-    """Image bytes at `offset` of the open crawl tar -> preprocess(PIL image), or None (counted) when they are
-    out of range, cut short or do not decode."""
-    from PIL import Image
-
-    if offset < 0 or not 0 < size <= MAX_IMAGE_BYTES:
-        return None
-    try:
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            return None
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
-                return None
-            img.load()  # a full decode, so a truncated file fails here
-            return preprocess(img)
-    except Exception:  # noqa: BLE001 -- PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        return None
-
-
 def reusable(filter_dir: str | Path, job: ScoreJob, part: PartInput, weights_sha256: str, embeddings: str):
     """The counts of a part already done with this model, input and embedding setting, else None."""
     path = scores_path(filter_dir, job.shard_id)
@@ -229,23 +202,20 @@ class PartScorer:
         import torch
 
         self.cfg, self.weights_sha256, self.device = cfg, weights_sha256, device
-        threads = max(1, int(cpus))
-        torch.set_num_threads(threads)
-        self.pool = ThreadPoolExecutor(max(2, threads), thread_name_prefix="clipscore-decode")
-        self.model = self.preprocess = self.tokenizer = None
-        self.dim, self.amp_dtype = 0, None
+        self.threads = max(1, int(cpus))
+        torch.set_num_threads(self.threads)
+        self.encoder: BatchEncoder | None = None
+        self.dim = 0
 
     def _load(self) -> None:
-        if self.model is not None:
+        if self.encoder is not None:
             return
         from trainer.clip.checkpoint import load_pretrained
 
-        self.model, self.preprocess, self.tokenizer = load_pretrained(self.cfg.clip_checkpoint, device=self.device)
-        self.dim = int(self.model.config.embed_dim)
-        if str(self.device).startswith("cuda"):
-            import torch
-
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        model, preprocess, tokenizer = load_pretrained(self.cfg.clip_checkpoint, device=self.device)
+        self.dim = int(model.config.embed_dim)
+        self.encoder = BatchEncoder(model, preprocess, tokenizer, self.device, self.cfg.clip_batch_size,
+                                    self.threads)
 
     def score(self, filter_dir: str, job: ScoreJob, attempt: int = 1) -> dict:
         """Score one part (or reuse it). -> {"rows", "scored", "decode_failed", "dim", "reused", "seconds",
@@ -273,63 +243,11 @@ class PartScorer:
         img = np.zeros((part.n, self.dim), dtype) if self.cfg.clip_save_embeddings else None
         txt = np.zeros((part.n, self.dim), dtype) if self.cfg.clip_save_embeddings else None
         scores = np.full(len(part.rows), np.nan, np.float32)
-        if len(part.rows):
-            fd = os.open(job.crawl_tar, os.O_RDONLY)
-            try:
-                self._fill(fd, part, img, txt, scores)
-            finally:
-                os.close(fd)
+        for idx, fi, ft in self.encoder.encode(job.crawl_tar, part.offsets, part.sizes, part.captions):
+            scores[idx] = np.einsum("bd,bd->b", fi, ft)
+            if img is not None:
+                img[part.rows[idx]], txt[part.rows[idx]] = fi, ft
         return img, txt, scores
-
-    def _fill(self, fd: int, part: PartInput, img, txt, scores: np.ndarray) -> None:
-        with contextlib.closing(self._batches(fd, part)) as batches:  # closed (its reads waited for) before fd
-            for sel, images, tokens in batches:
-                ok = [i for i, x in enumerate(images) if x is not None]
-                if not ok:
-                    continue
-                fi, ft = self._forward(images, ok, tokens)
-                idx = sel[ok]
-                scores[idx] = np.einsum("bd,bd->b", fi, ft)
-                if img is not None:
-                    img[part.rows[idx]], txt[part.rows[idx]] = fi, ft
-
-    def _batches(self, fd: int, part: PartInput):
-        """(candidate positions, preprocessed images or None, tokens) per batch; the next batch is read, decoded
-        and tokenised by the thread pool while the caller runs the forward pass of this one."""
-        bs, pending = self.cfg.clip_batch_size, deque()
-        try:
-            for start in range(0, len(part.rows), bs):
-                sel = np.arange(start, min(start + bs, len(part.rows)))
-                futures = [self.pool.submit(load_image, fd, int(part.offsets[i]), int(part.sizes[i]),
-                                            self.preprocess) for i in sel]
-                tokens = self.pool.submit(self.tokenizer, [part.captions[i] for i in sel])
-                pending.append((sel, futures, tokens))
-                if len(pending) > 1:
-                    sel0, futures0, tokens0 = pending.popleft()
-                    yield sel0, [f.result() for f in futures0], tokens0.result()
-            while pending:
-                sel0, futures0, tokens0 = pending.popleft()
-                yield sel0, [f.result() for f in futures0], tokens0.result()
-        finally:  # an abandoned generator: nothing may still read fd once the caller closes it
-            for _, futures, tokens in pending:
-                for f in (*futures, tokens):
-                    f.cancel()
-                wait_futures([*futures, tokens])
-
-    def _forward(self, images: list, ok: list[int], tokens):
-        """The decoded rows' L2-normalised (image, text) embeddings as float32 numpy [b, D]."""
-        import torch
-        import torch.nn.functional as F
-
-        x = torch.stack([images[i] for i in ok])  # [b, 3, S, S]
-        tok = tokens[torch.as_tensor(ok)]  # [b, ctx]
-        cuda = self.amp_dtype is not None  # autocast on CUDA only
-        amp = torch.autocast("cuda", dtype=self.amp_dtype) if cuda else contextlib.nullcontext()
-        with torch.inference_mode(), amp:
-            fi = self.model.encode_image(x.to(self.device, non_blocking=cuda))
-            ft = self.model.encode_text(tok.to(self.device, non_blocking=cuda))
-        fi, ft = F.normalize(fi.float(), dim=-1), F.normalize(ft.float(), dim=-1)
-        return fi.cpu().numpy(), ft.cpu().numpy()
 
     def _write(self, filter_dir: str, job: ScoreJob, part: PartInput, img, txt, scores, stats: dict) -> None:
         """The npy files, then the scores parquet (the completion marker), each atomically."""
@@ -346,159 +264,6 @@ class PartScorer:
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-@dataclass
-class _Slot:
-    actor: Any
-    gen: int = 0
-    queue: list = field(default_factory=list)  # refs in submission order (an actor runs them in that order)
-    head_since: float = 0.0  # when the first ref of the queue started running
-
-
-class _ActorPool:
-    """PARTS_PER_ACTOR calls per actor at most; dead actors are replaced, stuck ones killed."""
-
-    def __init__(self, make: Callable[[], Any], n: int):
-        self.make, self.slots, self.flying = make, [_Slot(make()) for _ in range(n)], {}
-
-    def free(self) -> int | None:
-        i = min(range(len(self.slots)), key=lambda s: len(self.slots[s].queue))
-        return i if len(self.slots[i].queue) < PARTS_PER_ACTOR else None
-
-    def submit(self, i: int, filter_dir: str, job: ScoreJob, attempt: int) -> None:
-        slot = self.slots[i]
-        ref = slot.actor.score.remote(filter_dir, job, attempt)
-        self.flying[ref] = (i, slot.gen, job, attempt)
-        slot.queue.append(ref)
-        if len(slot.queue) == 1:
-            slot.head_since = time.monotonic()
-
-    def finished(self, ref) -> tuple[int, int, ScoreJob, int]:
-        i, gen, job, attempt = self.flying.pop(ref)
-        slot = self.slots[i]
-        if slot.gen == gen and ref in slot.queue:
-            was_head = slot.queue[0] == ref
-            slot.queue.remove(ref)
-            if was_head:
-                slot.head_since = time.monotonic()
-        return i, gen, job, attempt
-
-    def replace(self, i: int, gen: int) -> None:
-        """A fresh actor in slot i, unless that happened already since generation `gen` died."""
-        import ray
-
-        slot = self.slots[i]
-        if slot.gen != gen:
-            return
-        with contextlib.suppress(Exception):
-            ray.kill(slot.actor, no_restart=True)
-        self.slots[i] = _Slot(self.make(), gen + 1)  # the old calls still in flight fail and are retried
-
-    def kill_stragglers(self, timeout_s: float) -> None:
-        import ray
-
-        now = time.monotonic()
-        for i, slot in enumerate(self.slots):
-            if slot.queue and now - slot.head_since > timeout_s:
-                print(f"clipscore: actor {i} ran one part for over {timeout_s:.0f} s; killing it", file=sys.stderr,
-                      flush=True)
-                with contextlib.suppress(Exception):
-                    ray.kill(slot.actor, no_restart=True)
-                slot.head_since = float("inf")  # its calls now fail with RayActorError and are retried
-
-    def close(self) -> None:
-        import ray
-
-        for slot in self.slots:
-            with contextlib.suppress(Exception):
-                ray.kill(slot.actor, no_restart=True)
-
-
-def _cause(e: BaseException, attempt: int) -> dict:
-    cause = getattr(e, "cause", None) or e  # a RayTaskError carries the actor's exception
-    text = str(cause).strip()
-    return {"type": type(cause).__name__, "error": text.splitlines()[-1][:500] if text else "", "attempts": attempt}
-
-
-class _Progress:
-    def __init__(self, total: int, interval_s: float):
-        self.total, self.interval, self.t0 = total, interval_s, time.monotonic()
-        self.last, self.done, self.failed, self.retrying, self.images = self.t0, 0, 0, 0, 0
-
-    def tick(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.interval or (not force and now - self.last < self.interval):
-            return
-        self.last = now
-        print(f"clipscore: {self.done}/{self.total} parts ({self.failed} failed, {self.retrying} retrying) | "
-              f"{self.images} images scored | {self.images / max(now - self.t0, 1e-9):.1f} images/s",
-              file=sys.stderr, flush=True)
-
-
-def _drive(pool: _ActorPool, filter_dir: str, jobs: list[ScoreJob], dist: DistributeConfig):
-    """Run every job on the pool. -> ({shard_id: part counts}, {shard_id: cause of the last failed attempt})."""
-    import ray
-    from ray.exceptions import RayActorError
-
-    todo, retry, seq, results, failed = deque(jobs), [], itertools.count(), {}, {}
-    progress = _Progress(len(jobs), dist.progress_interval_s)
-    while todo or retry or pool.flying:
-        now = time.monotonic()
-        while (todo or (retry and retry[0][0] <= now)) and (i := pool.free()) is not None:
-            if retry and retry[0][0] <= now:
-                _, _, job, attempt = heapq.heappop(retry)
-                progress.retrying -= 1
-            else:
-                job, attempt = todo.popleft(), 1
-            pool.submit(i, filter_dir, job, attempt)
-        if not pool.flying:
-            time.sleep(min(1.0, max(0.0, retry[0][0] - now)))
-            continue
-        ready, _ = ray.wait(list(pool.flying), num_returns=1, timeout=1.0)
-        for ref in ready:
-            i, gen, job, attempt = pool.finished(ref)
-            try:
-                results[job.shard_id] = r = ray.get(ref)
-                progress.done += 1
-                progress.images += 0 if r["reused"] else r["scored"]
-                continue
-            except RayActorError as e:  # the actor died (crash, OOM kill, lost node, killed as a straggler)
-                pool.replace(i, gen)
-                cause = _cause(e, attempt)
-            except Exception as e:  # noqa: BLE001 -- the actor raised: bad input, a full disk, ...
-                cause = _cause(e, attempt)
-            if attempt <= dist.max_shard_retry:
-                delay = dist.retry_backoff_s * 2 ** (attempt - 1)
-                heapq.heappush(retry, (time.monotonic() + delay, next(seq), job, attempt + 1))
-                progress.retrying += 1
-                print(f"clipscore: part {job.shard_id} attempt {attempt} failed ({cause['type']}: "
-                      f"{cause['error']}); retrying in {delay:.1f} s", file=sys.stderr, flush=True)
-            else:
-                failed[job.shard_id] = {"features": job.features, **cause}
-                progress.failed += 1
-        pool.kill_stragglers(dist.task_timeout_s)
-        progress.tick()
-    progress.tick(force=True)
-    return results, failed
-
-
-def _actor_plan(cfg: ClipScoreConfig, n_jobs: int) -> tuple[int, bool]:
-    """-> (number of actors, whether each takes a GPU), from the cluster's resources."""
-    import ray
-
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0)) if cfg.clip_device != "cpu" else 0
-    if cfg.clip_device == "cuda" and not gpus:
-        raise ValueError("--clip-device cuda: the Ray cluster has no GPUs")
-    fit = max(1, int(res.get("CPU", 1) // cfg.clip_cpus_per_actor))
-    fit = min(fit, gpus) if gpus else fit
-    n = cfg.clip_actors or fit
-    if n > fit:
-        print(f"clipscore: --clip-actors {n} > the {fit} the cluster can hold at once; using {fit}",
-              file=sys.stderr, flush=True)
-        n = fit
-    return max(1, min(n, n_jobs)), bool(gpus)
-
-
 def _summary(sha: str, results: dict, failed: dict, n_actors: int, seconds: float) -> dict:
     computed = sum(r["scored"] for r in results.values() if not r["reused"])
     by_actor: dict[str, int] = {}
@@ -517,8 +282,6 @@ def score_parts(cfg: ClipScoreConfig, filter_dir: str, jobs: list[ScoreJob], dis
     score in the parts now complete, "decode_failed", "computed": rows scored by this run, "parts": parts
     complete, "reused": parts reused, "images_per_s" (this run's), "seconds", "failed": {shard_id: cause},
     "weights_sha256", "dim" (None when no part completed), "actors", "parts_by_actor": {actor pid: parts}}."""
-    import ray
-
     from trainer.clip.checkpoint import weights_sha256
 
     if not cfg.enabled:
@@ -528,16 +291,15 @@ def score_parts(cfg: ClipScoreConfig, filter_dir: str, jobs: list[ScoreJob], dis
     filter_dir = os.path.abspath(filter_dir)
     if not jobs:
         return _summary(sha, {}, {}, 0, 0.0)
-    n, gpu = _actor_plan(cfg, len(jobs))
+    n, gpu = actor_plan(len(jobs), cfg.clip_actors, cfg.clip_cpus_per_actor, cfg.clip_device, "--clip-", "clipscore")
     fault = {"env_vars": {FAULT_ENV: os.environ[FAULT_ENV]}} if os.environ.get(FAULT_ENV) else None  # tests
-    remote = ray.remote(PartScorer).options(num_cpus=cfg.clip_cpus_per_actor, num_gpus=1 if gpu else 0,
-                                            max_restarts=0, max_concurrency=1, runtime_env=fault)
-    device = "cuda" if gpu else "cpu"
-    pool = _ActorPool(lambda: remote.remote(cfg, sha, cfg.clip_cpus_per_actor, device), n)
-    try:
-        results, failed = _drive(pool, filter_dir, jobs, distribute)
-    finally:
-        pool.close()
+    results, failed = run_actors(PartScorer, (cfg, sha, cfg.clip_cpus_per_actor, "cuda" if gpu else "cpu"), jobs,
+                                 distribute, method="score", args=(filter_dir,), n_actors=n, gpu=gpu,
+                                 cpus_per_actor=cfg.clip_cpus_per_actor, label=lambda job: job.shard_id,
+                                 name="clipscore", count=lambda r: 0 if r["reused"] else r["scored"], verb="scored",
+                                 runtime_env=fault)
+    features = {job.shard_id: job.features for job in jobs}
+    failed = {sid: {"features": features[sid], **cause} for sid, cause in failed.items()}
     out = _summary(sha, results, failed, n, time.monotonic() - t0)
     if cfg.clip_save_embeddings and out["dim"] is not None:
         atomic_write_json(info_path(filter_dir), {"checkpoint": cfg.clip_checkpoint,

@@ -18,37 +18,10 @@ import heapq
 import itertools
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
-from trainer.clip.flags import opt
-
-
-@dataclass
-class DistributeConfig:
-    """How shard tasks are spread over the Ray cluster."""
-    max_in_flight: int = opt(0, help="tasks submitted at once (0: 2 x the cluster's CPUs / --cpus-per-task)")
-    cpus_per_task: float = opt(1.0, help="Ray CPUs reserved per shard task")
-    max_shard_retry: int = opt(2, help="extra attempts for a shard whose task failed (worker error, lost node)")
-    retry_backoff_s: float = opt(2.0, help="delay before a shard's first retry; doubles per attempt")
-    task_timeout_s: float = opt(3600.0, help="a shard task running longer is cancelled and retried")
-    progress_interval_s: float = opt(10.0, help="seconds between progress lines (0: none)")
-    ray_address: str | None = opt(None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local "
-                                             "in-process Ray on 127.0.0.1)")
-
-    def __post_init__(self):
-        if self.max_in_flight < 0 or self.cpus_per_task <= 0 or self.max_shard_retry < 0:
-            raise ValueError("--max-in-flight must be >= 0, --cpus-per-task > 0, --max-shard-retry >= 0")
-        if self.retry_backoff_s < 0 or self.task_timeout_s <= 0:
-            raise ValueError("--retry-backoff-s must be >= 0 and --task-timeout-s > 0")
-
-    def in_flight(self) -> int:
-        import ray
-
-        if self.max_in_flight:
-            return self.max_in_flight
-        cpus = ray.cluster_resources().get("CPU", 1)
-        return max(1, int(2 * cpus / self.cpus_per_task))
+from raykit.actors import failure_cause
+from raykit.config import DistributeConfig  # noqa: F401 -- defined in raykit, imported from here by the stages
 
 
 class Progress:
@@ -78,11 +51,6 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def _cause(e: BaseException) -> dict:
-    cause = getattr(e, "cause", None) or e  # a RayTaskError carries the worker's exception
-    return {"type": type(cause).__name__, "error": str(cause).strip().splitlines()[-1][:500] if str(cause) else ""}
-
-
 def run_tasks(items: list, submit: Callable[[Any, int], Any], cfg: DistributeConfig,
               on_result: Callable[[Any, Any], None], progress: Progress | None = None) -> dict:
     """Run every item: submit(item, attempt) -> ObjectRef. -> {item: cause} of the items that failed every attempt."""
@@ -110,7 +78,7 @@ def run_tasks(items: list, submit: Callable[[Any, int], Any], cfg: DistributeCon
             try:
                 on_result(item, ray.get(ref))
             except Exception as e:  # noqa: BLE001 -- the worker's failure, a lost node, a cancelled straggler
-                cause = {**_cause(e), "attempts": attempt}
+                cause = failure_cause(e, attempt)
                 if attempt <= cfg.max_shard_retry:
                     delay = cfg.retry_backoff_s * 2 ** (attempt - 1)
                     heapq.heappush(retry, (time.monotonic() + delay, next(seq), item, attempt + 1))

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from indexing.build import IndexConfig
+from indexing.embed import EmbedConfig
 from indexing.report import ReportConfig
 from indexing.search import SearchConfig
 from indexing.serve import ServeConfig
@@ -23,7 +24,7 @@ from trainer.train import parse_args
 
 CONFIGS = [TrainConfig, RayLaunchConfig, EvalRunConfig, CrawlConfig, FilterConfig, ShardConfig, StatsConfig,
            DemoConfig,
-           BuildCommand, ServeCommand, IndexConfig, SearchConfig, ReportConfig, ServeConfig]
+           BuildCommand, ServeCommand, EmbedConfig, IndexConfig, SearchConfig, ReportConfig, ServeConfig]
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
@@ -44,6 +45,8 @@ PRINTED = {
     "filter": (["c", "f", "--demo", "--no-exact-pair", "--languages"],
                lambda c: c["dedup"]["exact_pair"] is False and c["dedup"]["near_dup"] and c["rules"]["languages"] == []),
     "shard": (["f", "s", "--samples-per-shard", "7"], lambda c: c["samples_per_shard"] == 7),
+    "embed": (["s", "--checkpoint", "c", "--out", "e", "--batch-size", "7", "--no-reuse", "--max-shard-retry", "4"],
+              lambda c: c["batch_size"] == 7 and c["reuse"] is False and c["distribute"]["max_shard_retry"] == 4),
     "stats": (["f", "--top", "5", "--plots", "p"], lambda c: c["top"] == 5 and c["plots"] == "p"),
     "train": (["--shards", "a", "b", "--out", "r", "--tiny", "--epochs", "3", "--no-grad-checkpointing"],
               lambda c: c["data"]["shards"] == ["a", "b"] and c["optim"]["steps"] == 0 and c["optim"]["epochs"] == 3

@@ -173,7 +173,7 @@ def test_kuberay_manifests_are_consistent():
 
     docs = list(_kuberay_docs())
     assert {name for name, _ in docs} == {"raycluster.yaml", "rayjob-crawl.yaml", "rayjob-train.yaml",
-                                         "rayjob-filter.yaml", "rayjob-shard.yaml"}
+                                         "rayjob-filter.yaml", "rayjob-shard.yaml", "rayjob-embed.yaml"}
     tag = next(line.split(" -t ")[1].split()[0] for line in (ROOT / "infra/docker/Dockerfile").read_text().splitlines()
                if "docker build" in line)  # the tag the Dockerfile's build line gives the image
     for name, doc in docs:

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "trainer", "indexing")
+PACKAGES = ("pipeline", "trainer", "indexing", "raykit")
 
 
 def _modules() -> dict[str, Path]:
@@ -74,6 +74,10 @@ def test_shared_library_stands_alone_and_stages_use_only_it():
             bad = {n for n in names if n.split(".")[0] in ("deepspeed", "ray", "pipeline", "indexing")
                    or (n.startswith("trainer.") and not n.startswith("trainer.clip"))}
             assert not bad, (m, bad)
+        elif m.startswith("raykit"):  # the Ray runtime the stages share: no stage, no trainer, no deepspeed
+            bad = {n for n in names if n.split(".")[0] in ("deepspeed", "pipeline", "indexing")
+                   or (n.startswith("trainer.") and not n.startswith("trainer.clip"))}
+            assert not bad, (m, bad)
         elif m.startswith(("pipeline", "indexing")):
             other = {n for n in names if n.startswith("trainer.") and not n.startswith("trainer.clip")
                      and n != "trainer.train"}  # the demo runs the train stage through its CLI's main()
@@ -93,7 +97,7 @@ def test_readme_layout_names_every_module():
             current = head
         listed.setdefault(current, set()).update(re.findall(r"[\w]+\.py|[\w]+/", rest))
     formats = {p.name for p in (ROOT / "trainer/clip/formats").glob("*.py") if p.name != "__init__.py"}
-    for pkg in ("pipeline/", "trainer/", "indexing/", "trainer/clip/"):
+    for pkg in ("pipeline/", "trainer/", "indexing/", "raykit/", "trainer/clip/"):
         files = {p.name for p in (ROOT / pkg).iterdir() if p.suffix == ".py" and p.name != "__init__.py"}
         files |= formats if pkg == "trainer/clip/" else set()
         names = {n for n in listed.get(pkg, set()) if n.endswith(".py")}
