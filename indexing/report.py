@@ -4,6 +4,9 @@
     write_html(Searcher("runs/index"), ["a red apple", "a dog on a beach"], k=8, out_path="runs/search.html")
 
     python -m indexing.report "a red apple" "a dog" --index INDEX_DIR --k 8 --out search.html
+
+Reads the index dir through indexing.search.Searcher (the current build) and each hit's image bytes from its
+shard; writes one HTML file, atomically (a rerun replaces it).
 """
 from __future__ import annotations
 
@@ -88,6 +91,7 @@ def render_html(searcher, queries: list[str], k: int) -> str:
         cards = "".join(_card(searcher, h) for h in hits) or '<p class="empty">no results</p>'
         sections.append(f'<section><h2>Query: <span>{e(q)}</span></h2><div class="row">{cards}</div></section>')
     sub = (f"{info.get('num_vectors', '?')} images &middot; {e(str(info.get('factory', '?')))} "
+           f"&middot; build {e(str(info.get('build_id', '?')))} "
            f"&middot; top-{k} by cosine similarity &middot; checkpoint {e(str(info.get('checkpoint', '?')))}")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -105,15 +109,16 @@ def write_html(searcher, queries: list[str], k: int, out_path: str | Path) -> Pa
 class ReportConfig:
     """An HTML page of search results."""
     queries: list[str] = opt(default_factory=list, positional=True, help="one or more text queries")
-    index: str = opt("", required=True, help="INDEX_DIR written by indexing.build")
+    index: str = opt("", required=True, help="INDEX_DIR written by `clipforge index`")
     k: int = opt(8, help="results per query")
     out: str = opt("search.html", help="the page to write")
+    device: str = opt("cpu", help="torch device of the text encoder")
 
 
 def run(cfg: ReportConfig) -> int:
     from indexing.search import Searcher
 
-    print(write_html(Searcher(cfg.index), cfg.queries, cfg.k, cfg.out))
+    print(write_html(Searcher(cfg.index, device=cfg.device), cfg.queries, cfg.k, cfg.out))
     return 0
 
 

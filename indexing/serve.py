@@ -1,49 +1,44 @@
-"""The search service: an HTTP API and a web page over an index dir written by indexing.build.
+"""The search service: an HTTP API and a web page over a versioned index dir (`clipforge index`).
 
     clipforge serve INDEX_DIR [--host 127.0.0.1] [--port 8080] [--token T]        (= python -m indexing.serve)
 
-Reads INDEX_DIR (trainer.clip.formats.index) through indexing.search.Searcher, and the shard tars its metadata
-points at: only the members listed there, by offset/size. Writes nothing but DuckDB's spill files (--duckdb-temp-dir)
-while it evaluates a filter; a restart just reloads the index. With --token, every route but / (a static page) and
-/healthz needs `Authorization: Bearer TOKEN`; a host that is not a loopback address requires a token.
+Only HTTP lives here: every search goes through indexing.search.Searcher (the same definition of filtering, id
+selectors, widening and dedup as the Python API and the CLI). Reads the current build of INDEX_DIR
+(trainer.clip.formats.index, checked by open_index_set), its checkpoint (at startup, unless --no-preload-model), and
+the shard tars its metadata points at: only the members listed there, by offset/size. Writes nothing but DuckDB's
+spill files (--duckdb-temp-dir) while it evaluates a filter; a restart just reloads the index (and so picks up a
+rebuild). With --token, every route but / (a static page) and /healthz needs `Authorization: Bearer TOKEN`; a host
+that is not a loopback address requires a token.
 
     POST /search        {"text" | "embedding", "k", "columns", "filter", "dedup"} -> {"results": [...], "notes": [...]}
     POST /search/image  multipart: file (+ form fields k, columns, filter, dedup) -> the same answer
-    GET  /image/{id}    the image bytes;  GET /healthz, /metrics (Prometheus text), /openapi.json, / (the web page)
+    GET  /image/{id}    the image bytes;  GET /healthz (build id, counts), /metrics (Prometheus text),
+    GET  /openapi.json, / (the web page)
 
 `filter` is a small boolean language over the metadata columns (indexing.serve_filter), re-emitted as SQL so no
-client text reaches DuckDB verbatim. DuckDB evaluates each distinct filter once, streaming over metadata.parquet, into
-a bitmap of allowed ids (N/8 bytes, bounded LRU); a filtered or deduplicated search widens k (x4 a round, up to N or
---max-candidates) until it has k hits. Every bad input is a 4xx JSON {"detail": ...}.
+client text reaches DuckDB verbatim. Every bad input is a 4xx JSON {"detail": ...}.
 """
 from __future__ import annotations
 
 import hmac
-import io
 import ipaddress
-import math
-import re
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import numpy as np
-import pyarrow as pa
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.routing import Match
 
-from indexing.search import Searcher, SearchError
-from indexing.serve_filter import FilterCache, FilterError, IdSet
-from trainer.clip.flags import CLI, opt, require, run_main
-from trainer.clip.formats.index import META_FILE
+from indexing.search import Hit, QueryError, Searcher, SearchError, SearchOptions
+from trainer.clip.flags import CLI, opt, require, run_main, section
 
 IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
-MAX_IMAGE_PIXELS = 64_000_000  # an upload larger than this (decoded) is refused before it is decoded
 UPLOAD_SLACK = 64 << 10        # multipart framing and form fields allowed on top of --max-upload-bytes
 
 
@@ -59,7 +54,7 @@ def is_loopback(host: str) -> bool:
 @dataclass
 class ServeConfig:
     """clipforge serve INDEX_DIR"""
-    index_dir: str = opt("", positional=True, help="INDEX_DIR written by indexing.build")
+    index_dir: str = opt("", positional=True, help="INDEX_DIR written by `clipforge index`")
     host: str = opt("127.0.0.1", help="interface to bind; anything but a loopback address needs --token")
     port: int = opt(8080, help="TCP port")
     max_k: int = opt(100, help="the largest k a request may ask for")
@@ -67,19 +62,14 @@ class ServeConfig:
     max_upload_bytes: int = opt(10 << 20, help="the largest image upload (413 above it)")
     token: str = opt("", help="bearer token that every route but / and /healthz requires (required off loopback)")
     device: str = opt("cpu", help="torch device of the query encoders")
-    max_filter_chars: int = opt(1000, help="the longest filter expression accepted")
-    filter_cache: int = opt(16, help="how many filters' allowed-id bitmaps (N/8 bytes each) are kept (LRU)")
-    max_candidates: int = opt(100_000, help="the most neighbours a filtered / deduplicated search looks through")
-    duckdb_memory: str = opt("1GB", help="DuckDB memory_limit for filter evaluation (it spills to disk beyond)")
-    duckdb_temp_dir: str = opt("", help="DuckDB spill dir (default: clipforge-serve-duckdb in the system temp dir)")
+    preload_model: bool = opt(True, help="load the checkpoint at startup (a missing one fails then, not on the "
+                                         "first text query); --no-preload-model serves embedding queries without it")
+    search: SearchOptions = section(SearchOptions)
 
     def __post_init__(self):
-        for name in ("max_k", "max_body_bytes", "max_upload_bytes", "max_filter_chars", "filter_cache",
-                     "max_candidates"):
+        for name in ("max_k", "max_body_bytes", "max_upload_bytes"):
             require(self, name, getattr(self, name) >= 1, "must be >= 1")
         require(self, "port", 0 <= self.port <= 65535, "must be in [0, 65535]")
-        require(self, "duckdb_memory", re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", self.duckdb_memory, re.I) is not None,
-                "must be a size such as 512MB or 4GB")
         require(self, "token", bool(self.token) or is_loopback(self.host),
                 f"is required when --host {self.host!r} is not a loopback address")
 
@@ -197,129 +187,47 @@ def bad(status: int, detail: str) -> NoReturn:
 
 
 class SearchService:
-    """The app's state: the Searcher, the query encoders, the filter cache and the (filtered, deduplicated) search."""
+    """The app's state: the Searcher, and the HTTP side of a search (bounds, errors as status codes, rows)."""
 
     def __init__(self, cfg: ServeConfig, searcher: Searcher):
-        from trainer.clip.transform import image_transform  # the eval transform the index was built with
-
         self.cfg, self.s = cfg, searcher
-        self.n, self.dim, self.columns = searcher.num_vectors, int(searcher.index.d), list(searcher.meta.column_names)
-        self.filters = FilterCache(searcher.index_dir / META_FILE, self.n, self.columns, cfg.max_filter_chars,
-                                   cfg.filter_cache, cfg.duckdb_memory, cfg.duckdb_temp_dir)
-        self.preprocess = image_transform(searcher.model.config.vision.image_size, train=False)
-        try:
-            self.can_reconstruct = self.n > 0 and searcher.index.reconstruct(0) is not None
-        except RuntimeError:  # e.g. IVF without a direct map
-            self.can_reconstruct = False
+        self.n, self.dim, self.columns = searcher.num_vectors, searcher.dim, list(searcher.columns)
 
-    def embedding_vector(self, values: list[float]) -> np.ndarray:
-        x = np.asarray(values, np.float64).reshape(1, -1)
-        if x.shape[1] != self.dim:
-            bad(400, f"embedding has {x.shape[1]} dimensions; the index has {self.dim}")
-        norm = float(np.linalg.norm(x))
-        if not math.isfinite(norm) or norm == 0:
-            bad(400, "embedding must be a non-zero vector of finite numbers")
-        return (x / norm).astype(np.float32)
-
-    def image_vector(self, data: bytes) -> np.ndarray:
-        import torch
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    bad(400, f"image of {img.width}x{img.height} pixels is too large")
-                img.load()
-                x = self.preprocess(img.convert("RGB"))[None].to(self.cfg.device)       # [1, 3, S, S]
-        except HTTPException:
-            raise
-        except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-            bad(400, "the upload is not a decodable image (jpg, png, webp, ...)")
-        with torch.inference_mode():
-            feats = torch.nn.functional.normalize(self.s.model.encode_image(x).float(), dim=-1)
-        return feats.cpu().numpy().astype(np.float32)
-
-    def search(self, query: Callable[[], np.ndarray], k: int, columns: list[str], expr: str | None,
-               dedup: float | None) -> dict:
-        """query() -> float32[1, D] normalised, called once the cheap checks passed -> {"results": up to k rows,
-        score descending, "notes": [...]}."""
+    def search(self, query, k: int, columns: list[str], expr: str | None, dedup: float | None) -> dict:
+        """One query (text, image bytes or an embedding array) -> {"results": up to k rows, score descending,
+        "notes": [...]}. A bad query is a 400, a checkpoint that cannot be loaded a 503."""
         if k > self.cfg.max_k:
             bad(422, f"k={k} is over the limit of {self.cfg.max_k}")
-        unknown = [c for c in columns if c not in self.columns]
-        if unknown:
-            bad(400, f"unknown columns {unknown} (columns: {', '.join(self.columns)})")
-        notes = []
-        if dedup is not None and not self.can_reconstruct:
-            notes.append(f"dedup skipped: this index ({self.s.info.get('factory')}) cannot reconstruct vectors")
-            dedup = None
         try:
-            allowed = self.filters.allowed(expr) if expr is not None else None
-        except FilterError as e:
-            bad(400, f"bad filter: {e}")
-        scores, ids = self._gather(query(), k, allowed, dedup, notes)
-        return {"results": self.rows(scores, ids, columns), "notes": notes}
-
-    def _gather(self, xq, k, allowed: IdSet | None, dedup: float | None, notes: list) -> tuple[np.ndarray, np.ndarray]:
-        if self.n == 0 or (allowed is not None and allowed.count == 0):
-            return np.zeros(0, np.float32), np.zeros(0, np.int64)
-        cap = min(self.n, max(self.cfg.max_candidates, k))
-        kk = min(cap, k if allowed is None and dedup is None else 4 * k)
-        while True:
-            scores, ids = self.s.index.search(xq, kk)                          # [1, kk] each; id -1 = no result
-            keep = ids[0] >= 0
-            scores, ids = scores[0][keep], ids[0][keep]
-            if allowed is not None:
-                m = allowed.contains(ids)
-                scores, ids = scores[m], ids[m]
-            order = np.argsort(-scores, kind="stable")
-            scores, ids = scores[order], ids[order]
-            if dedup is not None:
-                scores, ids = self._dedup(scores, ids, dedup, k)
-            if len(ids) >= k or kk >= cap:
-                break
-            kk = min(cap, kk * 4)
-        if len(ids) < k and cap < self.n:
-            notes.append(f"looked through the nearest {cap} vectors only (--max-candidates)")
-        return scores[:k], ids[:k]
-
-    def _dedup(self, scores: np.ndarray, ids: np.ndarray, threshold: float, k: int):
-        """Greedy, in score order: drop a hit whose cosine to an already kept hit is >= threshold."""
-        kept, vecs = [], np.zeros((0, self.dim), np.float32)
-        for j, i in enumerate(ids):
-            v = np.asarray(self.s.index.reconstruct(int(i)), np.float32)
-            v = v / max(float(np.linalg.norm(v)), 1e-12)
-            if len(vecs) and float(np.max(vecs @ v)) >= threshold:
-                continue
-            kept.append(j)
-            vecs = np.vstack([vecs, v[None]])
-            if len(kept) == k:
-                break
-        return scores[kept], ids[kept]
-
-    def rows(self, scores: np.ndarray, ids: np.ndarray, columns: list[str]) -> list[dict]:
-        names = list(dict.fromkeys(["key", "caption", "url", *columns]))
-        table = self.s.meta.select(names).take(pa.array(ids, pa.int64()))
-        return [{"id": int(i), "score": float(s), **row} for s, i, row in zip(scores, ids, table.to_pylist())]
+            res = self.s.search([query], k=k, columns=columns, filter=expr, dedup=dedup)
+        except QueryError as e:
+            bad(400, str(e).removeprefix("query 0: "))
+        except SearchError as e:
+            print(f"clipforge serve: {e}", file=sys.stderr)
+            bad(503, str(e))
+        return {"results": [row(h) for h in res[0]], "notes": res.notes}
 
     def image(self, i: int) -> tuple[bytes, str]:
         """The bytes and content type of vector i's image: its metadata row's member of its shard, nothing else."""
         if not 0 <= i < self.n:
             bad(404, f"no image {i}: ids are 0..{self.n - 1}")
-        row = self.s.meta.slice(i, 1).to_pylist()[0]
-        member = row.get("member") or f"{row['key']}.jpg"
+        hit = self.s.hit(i)
         root = self.s.shards_dir.resolve()
-        if not (path := (root / str(row["shard"])).resolve()).is_relative_to(root):
+        if not (path := (root / hit.shard).resolve()).is_relative_to(root):
             bad(404, f"no image {i}")
         try:
-            with open(path, "rb") as f:
-                f.seek(int(row["offset"]))
-                data = f.read(int(row["size"]))
+            data = self.s.image_bytes(hit)
         except OSError as e:
             print(f"clipforge serve: cannot read image {i} from {path}: {e}", file=sys.stderr)
             bad(503, f"image {i} cannot be read from its shard")
-        if len(data) != int(row["size"]):
-            bad(503, f"image {i}: its shard is truncated")
+        member = hit.image.partition("#")[2]
         return data, IMAGE_TYPES.get(member.rpartition(".")[2].lower(), "application/octet-stream")
+
+
+def row(hit: Hit) -> dict:
+    """A hit as a JSON row: id, score, key, caption, url, then the columns asked for (id and score stay ours)."""
+    out = {"id": hit.id, "score": hit.score, "key": hit.key, "caption": hit.caption, "url": hit.url}
+    return {**out, **{c: v for c, v in hit.extra.items() if c not in ("id", "score")}}
 
 
 # ----------------------------------------------------------------------------------------------- the app
@@ -356,8 +264,12 @@ def content_type(expected: str):
 
 
 def create_app(cfg: ServeConfig, searcher: Searcher | None = None) -> FastAPI:
-    """The service over cfg.index_dir (or over `searcher`, already loaded). SearchError when the index is bad."""
-    svc = SearchService(cfg, searcher or Searcher(cfg.index_dir, device=cfg.device))
+    """The service over cfg.index_dir (or over `searcher`, already open: it keeps its own SearchOptions). SearchError
+    when the index is bad, or (cfg.preload_model) when its checkpoint cannot be loaded."""
+    searcher = searcher or Searcher(cfg.index_dir, device=cfg.device, options=cfg.search)
+    if cfg.preload_model:
+        searcher.load_model()  # a bad checkpoint fails at startup, not on the first text query
+    svc = SearchService(cfg, searcher)
     metrics = Metrics(svc.n)
     app = FastAPI(title="clipforge search", summary="Text / embedding / image search over a clipforge index",
                   docs_url=None, redoc_url=None)
@@ -384,10 +296,8 @@ def _add_routes(app: FastAPI, svc: SearchService, metrics: Metrics) -> None:
 
     @app.post("/search", response_model=SearchResponse, dependencies=[Depends(content_type("application/json"))])
     def search(req: SearchRequest):
-        if req.text is not None:
-            return svc.search(lambda: svc.s.encode([req.text]), req.k, req.columns, req.filter, req.dedup)
-        xq = svc.embedding_vector(req.embedding)
-        return svc.search(lambda: xq, req.k, req.columns, req.filter, req.dedup)
+        query = req.text if req.text is not None else np.asarray(req.embedding, np.float64)
+        return svc.search(query, req.k, req.columns, req.filter, req.dedup)
 
     @app.post("/search/image", response_model=SearchResponse,
               dependencies=[Depends(content_type("multipart/form-data"))])
@@ -398,7 +308,7 @@ def _add_routes(app: FastAPI, svc: SearchService, metrics: Metrics) -> None:
         if len(data) > cfg.max_upload_bytes:
             bad(413, f"upload over {cfg.max_upload_bytes} bytes (--max-upload-bytes)")
         cols = [c.strip() for value in columns for c in value.split(",") if c.strip()]
-        return svc.search(lambda: svc.image_vector(data), k, cols, filter or None, dedup)
+        return svc.search(data, k, cols, filter or None, dedup)
 
     @app.get("/image/{id}", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
     def image(id: int):
@@ -409,9 +319,10 @@ def _add_routes(app: FastAPI, svc: SearchService, metrics: Metrics) -> None:
     @app.get("/healthz")
     def healthz():
         info = svc.s.info
-        index = {"format": info.get("format"), "factory": info.get("factory"), "dim": svc.dim,
-                 "metric": info.get("metric"), "search_params": svc.s.search_params, "columns": svc.columns}
-        return {"status": "ok", "num_vectors": svc.n, "index": index}
+        index = {"format": info.get("format"), "build_id": svc.s.build_id, "factory": info.get("factory"),
+                 "dim": svc.dim, "metric": info.get("metric"), "search_params": svc.s.search_params,
+                 "columns": svc.columns, "model_loaded": svc.s.model_loaded}
+        return {"status": "ok", "num_vectors": svc.n, "build_id": svc.s.build_id, "index": index}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus():
@@ -428,51 +339,84 @@ PAGE = """<!doctype html>
 <style>
 body{font:14px system-ui,sans-serif;margin:1.5em;background:#fafafa}
 form{display:flex;gap:.5em;flex-wrap:wrap;margin-bottom:1em}
-input[name=q]{flex:2 1 18em} input[name=filter]{flex:1 1 14em}
+#q{flex:2 1 18em} #filter{flex:1 1 14em} #info{color:#666;margin-top:-.5em}
 #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(180px,1fr));gap:.8em}
-figure{margin:0;background:#fff;border:1px solid #ddd;padding:.4em}
-figure img{width:100%;height:160px;object-fit:cover;cursor:zoom-in}
-figcaption{font-size:12px;word-break:break-word} .score{color:#666} #msg{color:#a00}
+.card{margin:0;background:#fff;border:1px solid #ddd;padding:.4em}
+.card img{width:100%;height:160px;object-fit:cover;cursor:zoom-in;background:#eee;display:block}
+.card figcaption{font-size:12px;word-break:break-word} .score{color:#666;font-variant-numeric:tabular-nums}
+#msg{color:#a00;min-height:1.2em}
+#viewer{position:fixed;inset:0;background:#000d;display:flex;flex-direction:column;align-items:center;
+        justify-content:center;gap:.6em;cursor:zoom-out;color:#fff}
+#viewer[hidden]{display:none} #viewer a{color:#9cf}
+#viewer img{min-width:min(256px,94vw);height:auto;max-width:94vw;max-height:84vh;background:#fff}
 </style></head><body>
 <h1>clipforge search</h1>
+<p id="info"></p>
 <form id="search">
-<input name="q" placeholder="a red apple" required autofocus>
-<input name="filter" placeholder="filter, e.g. caption ILIKE '%dog%'">
-<input name="k" type="number" min="1" value="24" style="width:5em" title="results">
-<input name="token" type="password" placeholder="token (if the server has one)">
-<button>Search</button>
+<input id="q" name="q" placeholder="a red apple" required autofocus>
+<input id="filter" name="filter" placeholder="filter, e.g. caption ILIKE '%dog%'">
+<input id="k" name="k" type="number" min="1" value="24" style="width:5em" title="results">
+<input id="token" name="token" type="password" placeholder="token (if the server has one)">
+<button id="go" type="submit">Search</button>
 </form>
-<div id="msg"></div><div id="grid"></div>
+<div id="msg" role="status"></div>
+<div id="grid" data-state="idle" data-count="0" data-seq="0"></div>
+<div id="viewer" hidden><img id="viewer-img" alt=""><div id="viewer-caption"></div>
+<a id="viewer-link" target="_blank" rel="noopener">open the original</a></div>
 <script>
-const form = document.getElementById("search"), grid = document.getElementById("grid"),
-      msg = document.getElementById("msg");
+const $ = (id) => document.getElementById(id);
+const form = $("search"), grid = $("grid"), msg = $("msg"), viewer = $("viewer");
+let seq = 0;
 const auth = () => form.token.value ? {"Authorization": "Bearer " + form.token.value} : {};
 async function imageUrl(id) {  // with a token, <img src> cannot send it: fetch the bytes and show a blob
   if (!form.token.value) return "image/" + id;
   const r = await fetch("image/" + id, {headers: auth()});
   return URL.createObjectURL(await r.blob());
 }
-function show(hit) {
+function card(hit) {  // <figure class="card" data-id data-key><img class="thumb"><figcaption>...
   const fig = document.createElement("figure"), img = document.createElement("img"),
-        cap = document.createElement("figcaption"), score = document.createElement("span");
-  img.alt = hit.caption || ""; img.loading = "lazy";
+        cap = document.createElement("figcaption"), text = document.createElement("span"),
+        score = document.createElement("span");
+  fig.className = "card"; fig.dataset.id = hit.id; fig.dataset.key = hit.key;
+  img.className = "thumb"; img.alt = hit.caption || ""; img.loading = "lazy";
   imageUrl(hit.id).then(url => { img.src = url; });
-  img.onclick = () => window.open(img.src, "_blank");
-  cap.textContent = (hit.caption || "") + " ";
-  score.className = "score"; score.textContent = hit.score.toFixed(3);
-  cap.append(score); fig.append(img, cap); grid.append(fig);
+  img.onclick = () => openViewer(hit);
+  text.className = "caption"; text.textContent = hit.caption || "";
+  score.className = "score"; score.dataset.score = hit.score; score.textContent = " " + hit.score.toFixed(3);
+  cap.append(text, score); fig.append(img, cap);
+  return fig;
+}
+async function openViewer(hit) {  // the full image, at its own size (up to the window)
+  const url = await imageUrl(hit.id);
+  $("viewer-img").src = url; $("viewer-link").href = url;
+  $("viewer-caption").textContent = (hit.caption || "") + " (" + hit.score.toFixed(3) + ")";
+  viewer.dataset.id = hit.id; viewer.hidden = false;
+}
+viewer.onclick = (e) => { if (e.target.id !== "viewer-link") viewer.hidden = true; };
+document.addEventListener("keydown", (e) => { if (e.key === "Escape") viewer.hidden = true; });
+function finish(state, count) {  // data-seq advances once per answered search: a test waits on it
+  grid.dataset.state = state; grid.dataset.count = count; grid.dataset.seq = ++seq;
 }
 form.onsubmit = async (event) => {
-  event.preventDefault(); msg.textContent = ""; grid.replaceChildren();
+  event.preventDefault(); msg.textContent = ""; grid.replaceChildren(); grid.dataset.state = "loading";
   const body = {text: form.q.value, k: Number(form.k.value) || 24};
   if (form.filter.value.trim()) body.filter = form.filter.value;
-  const r = await fetch("search", {method: "POST", body: JSON.stringify(body),
-                                   headers: {"Content-Type": "application/json", ...auth()}});
-  const data = await r.json();
-  if (!r.ok) { msg.textContent = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail); return; }
-  msg.textContent = data.results.length ? data.notes.join("; ") : "no results";
-  data.results.forEach(show);
+  try {
+    const r = await fetch("search", {method: "POST", body: JSON.stringify(body),
+                                     headers: {"Content-Type": "application/json", ...auth()}});
+    const data = await r.json();
+    if (!r.ok) {
+      msg.textContent = typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail);
+      return finish("error", 0);
+    }
+    msg.textContent = data.results.length ? data.notes.join("; ") : "no results";
+    grid.append(...data.results.map(card));
+    finish("done", data.results.length);
+  } catch (err) { msg.textContent = "request failed: " + err; finish("error", 0); }
 };
+fetch("healthz").then(r => r.json()).then(h => {
+  $("info").textContent = h.num_vectors + " images, build " + h.build_id;
+}).catch(() => {});
 </script></body></html>
 """
 
@@ -481,8 +425,9 @@ def run(cfg: ServeConfig) -> int:
     import uvicorn
 
     app = create_app(cfg)
-    print(f"clipforge serve: {cfg.index_dir} ({app.state.service.n} vectors) on http://{cfg.host}:{cfg.port}/",
-          file=sys.stderr, flush=True)
+    svc = app.state.service
+    print(f"clipforge serve: {cfg.index_dir} (build {svc.s.build_id}, {svc.n} vectors) on "
+          f"http://{cfg.host}:{cfg.port}/", file=sys.stderr, flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", server_header=False)
     return 0
 

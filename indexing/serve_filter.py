@@ -1,8 +1,10 @@
-"""The filter language of the search service (indexing.serve): a restricted boolean expression over the metadata
-columns of an index, evaluated with DuckDB into the set of allowed vector ids.
+"""The filter language of search (indexing.search.Searcher, and so of the service indexing.serve and the CLI): a
+restricted boolean expression over the metadata columns of an index, evaluated with DuckDB into the set of allowed
+vector ids. One definition: the Python API, `clipforge search --filter` and `POST /search` all go through here.
 
     compile_filter("width >= 512 AND caption ILIKE '%dog%'", columns)  ->  '(("width" >= 512) AND ("caption" ...))'
-    FilterCache(INDEX_DIR/metadata.parquet, ...).allowed(expr)           ->  IdSet (a bitmap of allowed ids)
+    FilterCache(BUILD/metadata.parquet, ...).allowed(expr)               ->  IdSet (a bitmap of allowed ids)
+    selector_params(faiss_index, ids)                                    ->  (faiss SearchParameters, keep-alive)
 
 The language: column names of the metadata, numbers, 'strings' (quotes doubled inside), = != <> < <= > >=,
 [NOT] LIKE / ILIKE 'pattern', IS [NOT] NULL, [NOT] IN (literals), AND / OR / NOT, parentheses. A small tokenizer and
@@ -10,7 +12,8 @@ a recursive-descent parser accept nothing else (no functions, subqueries, `;`, u
 over-deep expressions: FilterError naming the problem) and re-emit the expression as fully parenthesised SQL, so no
 client text reaches DuckDB verbatim. Reads metadata.parquet (streamed by DuckDB under memory_limit, spilling to
 temp_directory, never all rows in Python); writes nothing but DuckDB's spill files. Each distinct filter is evaluated
-once into a bitmap of N/8 bytes; a bounded LRU keeps the recent ones (a restart starts with an empty cache).
+once into a bitmap of N/8 bytes (the layout faiss.IDSelectorBitmap reads, so a search can restrict the index to
+it); a bounded LRU keeps the recent ones (a restart starts with an empty cache).
 """
 from __future__ import annotations
 
@@ -197,7 +200,7 @@ def compile_filter(expr: str, columns: list[str], max_chars: int = 1000) -> str:
 
 @dataclass(frozen=True)
 class IdSet:
-    """Allowed vector ids as a bitmap: id i is bit (i % 8) of bits[i // 8]."""
+    """Allowed vector ids as a bitmap: id i is bit (i % 8) of bits[i // 8] (faiss.IDSelectorBitmap's layout)."""
     bits: np.ndarray  # uint8[ceil(N / 8)]
     count: int
 
@@ -216,7 +219,7 @@ class FilterCache:
 
         self.duckdb, self.n, self.columns, self.max_chars, self.size = duckdb, num_rows, columns, max_chars, size
         self.source = "read_parquet('" + str(meta_path).replace("'", "''") + "', file_row_number = true)"
-        temp = temp_dir or os.path.join(tempfile.gettempdir(), "clipforge-serve-duckdb")
+        temp = temp_dir or os.path.join(tempfile.gettempdir(), "clipforge-filter-duckdb")
         self.con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": temp})
         self.cache: OrderedDict[str, IdSet] = OrderedDict()
         self.lock = threading.Lock()
@@ -244,3 +247,53 @@ class FilterCache:
         except self.duckdb.Error as e:
             raise FilterError(f"cannot evaluate the filter: {str(e).splitlines()[0]}") from None
         return IdSet(bits, count)
+
+
+# ----------------------------------------------------------------------------------------------- faiss selectors
+def selector_params(index, allowed: IdSet):
+    """(faiss SearchParameters restricting `index` to the allowed ids, objects to keep alive while they are used),
+    or None for an index type that takes no selector here (the search widens k instead). The index's own nprobe /
+    efSearch are carried over: SearchParametersIVF's default nprobe is 1, not the index's."""
+    import faiss
+
+    sel = faiss.IDSelectorBitmap(allowed.bits)
+    made = _params_for(faiss.downcast_index(index), sel)
+    return None if made is None else (made[0], (sel, allowed.bits, *made[1]))
+
+
+def _params_for(idx, sel):
+    """(params, objects to keep alive) for one (downcast) index level; None where no selector is taken here."""
+    import faiss
+
+    if isinstance(idx, faiss.IndexPreTransform):
+        inner = _params_for(faiss.downcast_index(idx.index), sel)
+        if inner is None:
+            return None
+        p = faiss.SearchParametersPreTransform()
+        p.index_params = inner[0]
+        return p, (inner[0], *inner[1])
+    if isinstance(idx, faiss.IndexRefine):  # the base index selects; the refinement re-ranks only its candidates
+        inner = _params_for(faiss.downcast_index(idx.base_index), sel)
+        if inner is None:
+            return None
+        p = faiss.IndexRefineSearchParameters()
+        p.k_factor, p.base_index_params = idx.k_factor, inner[0]
+        return p, (inner[0], *inner[1])
+    if isinstance(idx, faiss.IndexIVF):
+        p, keep = faiss.SearchParametersIVF(), []
+        p.sel, p.nprobe = sel, idx.nprobe
+        q = faiss.downcast_index(idx.quantizer)
+        if isinstance(q, faiss.IndexHNSW):
+            qp = faiss.SearchParametersHNSW()
+            qp.efSearch = q.hnsw.efSearch
+            p.quantizer_params, keep = qp, [qp]
+        return p, tuple(keep)
+    if isinstance(idx, faiss.IndexHNSW):
+        p = faiss.SearchParametersHNSW()
+        p.sel, p.efSearch = sel, idx.hnsw.efSearch
+        return p, ()
+    if isinstance(idx, faiss.IndexFlat):
+        p = faiss.SearchParameters()
+        p.sel = sel
+        return p, ()
+    return None

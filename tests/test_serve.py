@@ -1,5 +1,5 @@
-"""indexing/serve.py: the HTTP search service over a tiny index (synthetic shards, a random-init tiny CLIP, CPU),
-through FastAPI's TestClient, plus one real uvicorn socket."""
+"""indexing/serve.py: the HTTP search service over a tiny v2 index dir (synthetic shards, a random-init tiny CLIP,
+CPU, written by tests/index_data.make_index_dir), through FastAPI's TestClient, plus one real uvicorn socket."""
 from __future__ import annotations
 
 import io
@@ -16,11 +16,12 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from indexing import build as ibuild
+from index_data import make_index_dir
 from indexing import serve
+from indexing.search import Searcher, SearchOptions
 from indexing.serve_filter import compile_filter
-from indexing.search import Searcher
 from trainer.clip.checkpoint import save_model
+from trainer.clip.flags import with_flags
 from trainer.clip.formats.shards import write_shard_dir
 from trainer.clip.model import CLIP, get_config
 
@@ -62,21 +63,23 @@ def env(tmp_path_factory):
     jpgs = make_shards(root / "shards")
     torch.manual_seed(0)
     ckpt = save_model(CLIP(get_config("tiny")), root / "ckpt")
-    assert ibuild.main(["--shards", str(root / "shards"), "--checkpoint", str(ckpt), "--out", str(root / "index"),
-                        "--batch-size", "16"]) == 0
-    searcher = Searcher(root / "index")
-    cfg = serve.ServeConfig(index_dir=str(root / "index"), duckdb_temp_dir=str(root / "duckdb"), max_k=20)
+    make_index_dir(root / "index", root / "shards", ckpt)
+    cfg = serve.ServeConfig(index_dir=str(root / "index"), max_k=20,
+                            search=SearchOptions(duckdb_temp_dir=str(root / "duckdb")))
+    searcher = Searcher(root / "index", options=cfg.search)
     app = serve.create_app(cfg, searcher)
-    meta = pq.read_table(root / "index" / "metadata.parquet").to_pylist()
+    meta = pq.read_table(searcher.set.meta_path).to_pylist()
     by_key = {f"{n:09d}": jpg for n, jpg in enumerate(jpgs)}
     return SimpleNamespace(root=root, cfg=cfg, app=app, client=TestClient(app), searcher=searcher, meta=meta,
                            jpgs=[by_key[row["key"]] for row in meta], x=searcher.index.reconstruct_n(0, len(meta)))
 
 
 def other_app(env, **overrides):
-    """A second app over the same loaded Searcher, with other limits."""
-    cfg = serve.ServeConfig(**{**vars(env.cfg), **overrides})
-    return TestClient(serve.create_app(cfg, env.searcher))
+    """A second app with other limits: over the same loaded Searcher, or over a new one where a search option
+    (which the Searcher owns) changes."""
+    cfg = with_flags(env.cfg, **overrides)
+    searcher = env.searcher if cfg.search == env.cfg.search else Searcher(cfg.index_dir, options=cfg.search)
+    return TestClient(serve.create_app(cfg, searcher))
 
 
 def search(env, client=None, **body):
@@ -160,7 +163,7 @@ def test_filter_restricts_results(env, expr, pred):
 
 def test_filter_cache_is_bounded_and_reused(env):
     client = other_app(env, filter_cache=2)
-    cache = client.app.state.service.filters.cache
+    cache = client.app.state.service.s.filters.cache
     for n in range(4):
         ok(search(env, client, text="a car", k=3, filter=f"offset > {n}"))
     assert len(cache) == 2
@@ -229,6 +232,8 @@ def test_healthz_page_and_openapi(env):
     body = resp.json()
     assert body["status"] == "ok" and body["num_vectors"] == len(env.meta)
     assert body["index"]["factory"] == "Flat" and "caption" in body["index"]["columns"]
+    assert body["build_id"] == body["index"]["build_id"] == env.searcher.build_id
+    assert body["index"]["format"] == "clipforge.index.v2" and body["index"]["model_loaded"] is True
     page = env.client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<form id="search">' in page.text and 'name="q"' in page.text and 'name="filter"' in page.text
