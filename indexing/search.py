@@ -22,7 +22,6 @@ spill files. Searching is read-only: a rerun gives the same results; a rebuild i
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -39,9 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from indexing import faissio
 from indexing.serve_filter import FilterCache, FilterError, IdSet, selector_params
 from trainer.clip.flags import CLI, opt, require, run_main, section
-from trainer.clip.formats.index import IVFDATA_FILE, IndexFormatError, open_index_set
+from trainer.clip.formats.index import IndexFormatError, open_index_set
 
 MAX_IMAGE_PIXELS = 64_000_000  # a query image larger than this (decoded) is refused before it is decoded
 IMAGE_BATCH = 32
@@ -107,50 +107,12 @@ class SearchOptions:
 
 
 # ----------------------------------------------------------------------------------------------- reading
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    """faiss prints IO_FLAG_ONDISK_SAME_DIR's path rewrite to stdout (C printf): keep stdout for results."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def read_index(path: str | Path, mmap: bool = True) -> faiss.Index:
-    """A faiss index, memory-mapped (zero-copy flat codes) where this faiss build and the index type allow. An index
-    merged on disk (image.ivfdata next to it) memory-maps its inverted lists itself: it is read with
-    IO_FLAG_ONDISK_SAME_DIR (the lists are found next to the index wherever the dir moved) and without IO_FLAG_MMAP,
-    which skips the lists' metadata (faiss 1.15 then crashes on the first search)."""
-    path, ro = Path(path), getattr(faiss, "IO_FLAG_READ_ONLY", 0)
-    if (path.parent / IVFDATA_FILE).is_file():
-        with _stdout_to_stderr():
-            index = faiss.read_index(str(path), ro | faiss.IO_FLAG_ONDISK_SAME_DIR)
-        _check_ondisk(index, path.parent)
-        return index
-    flags = [getattr(faiss, f) | ro for f in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP") if hasattr(faiss, f)] if mmap else []
-    for flag in flags:
-        try:
-            return faiss.read_index(str(path), flag)
-        except RuntimeError:
-            continue
-    return faiss.read_index(str(path))
-
-
-def _check_ondisk(index: faiss.Index, folder: Path) -> None:
-    """The on-disk lists must be this folder's image.ivfdata, whole: a missing or short file would crash faiss."""
+    """indexing.faissio.read_index, with its errors as SearchError."""
     try:
-        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
-    except RuntimeError:
-        return
-    if isinstance(lists, faiss.OnDiskInvertedLists):
-        name = Path(lists.filename)
-        if name.name != IVFDATA_FILE or not name.is_file() or name.stat().st_size < lists.totsize:
-            raise SearchError(f"{folder}: the index's inverted lists point to {name.name!r} ({lists.totsize} bytes); "
-                              f"expected a whole {IVFDATA_FILE} next to it (rebuild with `clipforge index`)")
+        return faissio.read_index(path, mmap=mmap)
+    except IndexFormatError as e:
+        raise SearchError(str(e)) from e
 
 
 class MetadataReader:

@@ -2,11 +2,12 @@
 
     sample web (openmoji) -> served on 127.0.0.1 -> crawl (img2dataset on in-process Ray) -> filter (preset demo:
     rules, language ID, exact + near-duplicate dedup, metadata balancing) -> ledger summary -> shard
-    -> train (DeepSpeed ZeRO-2, 2 gloo ranks, gradient checkpointing) -> embed + FAISS index -> search + HTML
+    -> train (DeepSpeed ZeRO-2, 2 gloo ranks, gradient checkpointing) -> embed (images + captions) -> FAISS index
+    (chosen for a memory budget, tuned to held-out text queries) -> search + HTML
 
 Each stage is called through its public `main(argv)`, exactly as its CLI would be, and reads only what the previous
 stage wrote on disk. Outputs go under WORKDIR (default ./demo):
-    web/ crawl/ filter/ shards/ run/ index/ results.html demo_summary.json
+    web/ crawl/ filter/ shards/ run/ embeddings/ index/ results.html demo_summary.json
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pipeline.common import init_ray
 from trainer.clip.flags import CLI, opt, run_main
 from trainer.clip.formats.atomic import atomic_write_json, read_json
 from trainer.clip.formats.crawl import CRAWL_MANIFEST
+from trainer.clip.formats.embeddings import read_embed_manifest
 from trainer.clip.formats.ledger import read_filter_manifest
 from trainer.clip.formats.index import read_index_info
 from trainer.clip.formats.shards import read_manifest
@@ -90,8 +92,9 @@ def _data_stages(cfg: DemoConfig, d: dict, timings: dict) -> None:
 
 
 def _model_stages(cfg: DemoConfig, d: dict, timings: dict) -> None:
-    """train (DeepSpeed ZeRO-2 on nproc gloo ranks) -> index, each through its CLI's main(argv)."""
+    """train (DeepSpeed ZeRO-2 on nproc gloo ranks) -> embed -> index, each through its CLI's main(argv)."""
     from indexing import build as index_build
+    from indexing import embed
     from trainer import train
 
     length = ["--steps", str(cfg.steps)] if cfg.steps else ["--epochs", str(cfg.epochs)]
@@ -103,8 +106,11 @@ def _model_stages(cfg: DemoConfig, d: dict, timings: dict) -> None:
                                         "--zero", "2", "--grad-checkpointing", *length,
                                         # a killed demo continues training where its last checkpoint left off
                                         "--save-every", "100", "--resume", "latest"]), timings)
-    _stage("index", lambda: index_build.main(["--shards", str(d["shards"]), "--checkpoint",
-                                              str(d["run"] / "checkpoint"), "--out", str(d["index"])]), timings)
+    # the laptop executor (no Ray: the trainer just had the cores); on a cluster it is `--executor ray`
+    _stage("embed", lambda: embed.main([str(d["shards"]), "--checkpoint", str(d["run"] / "checkpoint"),
+                                        "--out", str(d["embeddings"]), "--executor", "local", "--device", "cpu",
+                                        "--cpus-per-actor", str(cfg.nproc)]), timings)
+    _stage("index", lambda: index_build.main([str(d["embeddings"]), "--out", str(d["index"])]), timings)
 
 
 def _search(cfg: DemoConfig, d: dict, html_path: Path):
@@ -131,6 +137,8 @@ def _summary(cfg: DemoConfig, d: dict, timings: dict, results, html: Path) -> di
         "shards": {k: v for k, v in shards.items() if k in ("num_samples", "missing")}
                   | {"num_shards": len(shards["shards"])},
         "train": read_json(d["run"] / "summary.json"),
+        "embed": {k: v for k, v in read_embed_manifest(d["embeddings"]).items()
+                  if k in ("num_rows", "num_embedded", "not_embedded", "reused_rows", "failed")},
         "index": read_index_info(d["index"]),
         "search": {q: [{"rank": h.rank, "score": h.score, "caption": h.caption, "image": h.image} for h in hits]
                    for q, hits in zip(cfg.queries, results)},
@@ -140,7 +148,7 @@ def _summary(cfg: DemoConfig, d: dict, timings: dict, results, html: Path) -> di
 
 def run(cfg: DemoConfig) -> dict:
     w = Path(cfg.workdir).resolve()
-    d = {k: w / k for k in ("web", "crawl", "filter", "shards", "run", "index")}
+    d = {k: w / k for k in ("web", "crawl", "filter", "shards", "run", "embeddings", "index")}
     timings: dict[str, float] = {}
     t_start = time.time()
     _data_stages(cfg, d, timings)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import demo
+from trainer.clip.formats.index import open_index_set
 from trainer.clip.formats.shards import read_manifest
 
 pytestmark = pytest.mark.slow
@@ -55,8 +56,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert ds["zero_optimization"]["stage"] == 2
     assert json.loads((w / "run" / "train_config.json").read_text())["grad_checkpointing"] is True
     # index: one vector per kept sample, aligned metadata
-    assert s["index"]["num_vectors"] == kept and s["index"]["skipped"] == 0
-    assert pq.ParquetFile(w / "index" / "metadata.parquet").metadata.num_rows == kept
+    assert s["embed"]["num_rows"] == s["embed"]["num_embedded"] == kept and not s["embed"]["failed"]
+    assert s["index"]["num_vectors"] == kept
+    assert pq.ParquetFile(open_index_set(w / "index").meta_path).metadata.num_rows == kept
     # search: k results per query, scores sorted, printed, and in the HTML page
     for q in cfg.queries:
         hits = s["search"][q]

@@ -53,8 +53,9 @@ class IndexFormatError(ValueError):
 
 
 def new_build_id() -> str:
-    """Sortable and unique: UTC time + random suffix, e.g. 20261201T183000Z-3f9a1c."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+    """Sortable and unique: UTC time to the millisecond + random suffix, e.g. 20261201T183000.123Z-3f9a1c."""
+    now = time.time()
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}Z-{secrets.token_hex(3)}"
 
 
 def build_dir(index_dir: str | Path, build_id: str) -> Path:
@@ -105,7 +106,7 @@ def commit_build(index_dir: str | Path, build_id: str, info: dict) -> dict:
 def _prune(index_dir: Path, keep: set[str]) -> None:
     builds = index_dir / BUILDS_DIR
     done = sorted((p for p in builds.iterdir() if p.is_dir() and (p / BUILD_FILE).is_file()),
-                  key=lambda p: p.name)
+                  key=lambda p: ((p / BUILD_FILE).stat().st_mtime_ns, p.name))  # commit order
     keep = keep | {p.name for p in [p for p in done if p.name not in keep][-(KEEP_BUILDS - 1):]}
     for p in builds.iterdir():
         if p.name not in keep and (p / BUILD_FILE).is_file():
