@@ -1,5 +1,6 @@
 """indexing/search.py on its own: the Python API and the CLI over v2 index dirs (tests/index_data.make_index_dir:
-synthetic shards, a random-init tiny CLIP, CPU). Every result is compared with exact search over the vectors."""
+synthetic shards with sidecars, a random-init tiny CLIP, the real embed and index stages, CPU). Every result is
+compared with exact search over the vectors."""
 from __future__ import annotations
 
 import io
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from index_data import make_index_dir
+from index_data import add_sidecars, exhaustive_params, make_index_dir
 from indexing import search as isearch
 from indexing.report import write_html
 from indexing.search import MetadataReader, QueryError, Searcher, SearchError, SearchOptions
@@ -52,6 +53,7 @@ def make_shards(root: Path) -> list[bytes]:
                    "json": {"key": key, "url": f"https://example.com/{key}.jpg", "caption": caption}}
 
     write_shard_dir(root, (shard(s) for s in range(N_SHARDS)), durable=False)
+    add_sidecars(root)  # width / height reach the index's metadata through the sidecars, as from `clipforge shard`
     return jpgs
 
 
@@ -159,13 +161,17 @@ def test_filter_by_widening_and_by_id_selector_is_exact(env, strategy, expr, pre
 
 @pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW8", "IVF4_HNSW4,Flat", "L2norm,IVF4,Flat", "IVF4,Flat,RFlat"])
 def test_id_selector_on_approximate_indexes(env, factory, tmp_path):
-    """The selector carries the index's tuned nprobe / efSearch (faiss's own default nprobe is 1)."""
+    """The selector carries the index's nprobe / efSearch (faiss's own default nprobe is 1): here exhaustive ones,
+    given to the Searcher (the builder tunes on caption queries, which promises nothing for this filtered query)."""
     make_index_dir(tmp_path / "i", env.root / "shards", env.ckpt, factory=factory)
+    params = exhaustive_params(tmp_path / "i")
     expr = "caption LIKE '%green%' OR caption LIKE '%blue%'"
     allowed = [i for i, r in enumerate(env.meta) if "green" in r["caption"] or "blue" in r["caption"]]
     results = {}
     for strategy in ("widen", "selector"):
-        s = Searcher(tmp_path / "i", options=SearchOptions(filter_strategy=strategy, duckdb_temp_dir=str(tmp_path)))
+        s = Searcher(tmp_path / "i", search_params=params,
+                     options=SearchOptions(filter_strategy=strategy, duckdb_temp_dir=str(tmp_path)))
+        assert params.items() <= s.search_params.items()
         res = s.search(env.x[1], k=10, filter=expr)
         assert res.methods == [strategy] and all(h.id in allowed for h in res[0]) and len(res[0]) == 10
         results[strategy] = [h.id for h in res[0]]

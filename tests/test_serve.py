@@ -1,5 +1,6 @@
 """indexing/serve.py: the HTTP search service over a tiny v2 index dir (synthetic shards, a random-init tiny CLIP,
-CPU, written by tests/index_data.make_index_dir), through FastAPI's TestClient, plus one real uvicorn socket."""
+CPU, embedded and indexed by the real stages through tests/index_data.make_index_dir), through FastAPI's TestClient,
+plus one real uvicorn socket."""
 from __future__ import annotations
 
 import io
@@ -16,7 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from index_data import make_index_dir
+from index_data import add_sidecars, make_index_dir
 from indexing import serve
 from indexing.search import Searcher, SearchOptions
 from indexing.serve_filter import compile_filter
@@ -54,6 +55,7 @@ def make_shards(root: Path) -> list[bytes]:
             yield {"__key__": key, "jpg": jpgs[n], "txt": caption, "json": meta}
 
     write_shard_dir(root, (shard(s) for s in range(N_SHARDS)), durable=False)
+    add_sidecars(root)  # the shard dir `clipforge shard` writes: a sidecar parquet per tar
     return jpgs
 
 

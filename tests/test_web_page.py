@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from helpers import write_shards
-from index_data import make_index_dir
+from index_data import add_sidecars, make_index_dir
 from trainer.clip.checkpoint import save_model
 from trainer.clip.model import CLIP, get_config
 
@@ -79,7 +79,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, seconds: float = 
 def server(tmp_path_factory, free_port):
     _require_browser()
     root = tmp_path_factory.mktemp("web")
-    write_shards(root / "shards", n_shards=2, per_shard=12, size=SIZE)
+    add_sidecars(write_shards(root / "shards", n_shards=2, per_shard=12, size=SIZE))
     torch.manual_seed(0)
     index = make_index_dir(root / "index", root / "shards", save_model(CLIP(get_config("tiny")), root / "ckpt"))
     port, log = free_port(), root / "serve.log"
