@@ -84,25 +84,29 @@ class Choice:
 
 
 def nlist_for(n: int) -> tuple[int, str]:
-    """(K, why): the number of IVF lists for N vectors, after the guideline by size."""
+    """(K, why): the number of IVF lists for N vectors, after the guideline by size, capped so that every list
+    keeps at least MIN_PER_LIST training vectors (faiss's k-means warns, and lists go empty, below that)."""
     if n >= 100_000_000:
-        return 1 << 20, f"K=1048576 lists for N={n:,} >= 100M (guideline: IVF1048576_HNSW32 for 100M-1B)"
-    if n >= 10_000_000:
-        return 1 << 18, f"K=262144 lists for N={n:,} in 10M-100M (guideline: IVF262144_HNSW32)"
-    if n >= 1_000_000:
-        return 1 << 16, f"K=65536 lists for N={n:,} in 1M-10M (guideline: IVF65536_HNSW32)"
-    k = 1 << max(0, round(math.log2(8 * math.sqrt(max(n, 1)))))
-    why = f"K={k} lists ~ 8·sqrt(N) as a power of two (guideline under 1M vectors: 4-16·sqrt(N))"
+        k, why = 1 << 20, f"K=1048576 lists for N={n:,} >= 100M (guideline: IVF1048576_HNSW32 for 100M-1B)"
+    elif n >= 10_000_000:
+        k, why = 1 << 18, f"K=262144 lists for N={n:,} in 10M-100M (guideline: IVF262144_HNSW32)"
+    elif n >= 1_000_000:
+        k, why = 1 << 16, f"K=65536 lists for N={n:,} in 1M-10M (guideline: IVF65536_HNSW32)"
+    else:
+        k = 1 << max(0, round(math.log2(8 * math.sqrt(max(n, 1)))))
+        why = f"K={k} lists ~ 8·sqrt(N) as a power of two (guideline under 1M vectors: 4-16·sqrt(N))"
     cap = max(1, n // MIN_PER_LIST)
     if k > cap:
         k = 1 << int(math.log2(cap))
-        why = f"K={k} lists: the largest power of two with >= {MIN_PER_LIST} vectors per list (8·sqrt(N) is more)"
+        why = f"K={k} lists: the largest power of two with >= {MIN_PER_LIST} vectors per list (the guideline's is more)"
     return k, why
 
 
 def train_size_for(nlist: int, n: int) -> int:
-    """~64 vectors per list, clipped to [10k, 1M] and to N."""
-    return int(min(n, max(TRAIN_MIN, min(TRAIN_MAX, TRAIN_PER_LIST * max(1, nlist)))))
+    """~64 vectors per list, clipped to [10k, 1M] and to N, but never under MIN_PER_LIST per list (k-means with
+    fewer leaves lists empty: at K = 2^18..2^20 the sample is then tens of millions of vectors)."""
+    lists = max(1, nlist)
+    return int(min(n, max(TRAIN_MIN, MIN_PER_LIST * lists, min(TRAIN_MAX, TRAIN_PER_LIST * lists))))
 
 
 def _coarse(n: int, d: int) -> tuple[str, int, int, list[str]]:
