@@ -33,7 +33,7 @@ QUERIES = ["a red apple", "a rocket", "a dog face"]
 @dataclass
 class DemoConfig:
     """The demo's sizes (the default: ~9 min on 2 CPU cores; text->image R@5 over the training captions ~0.76)."""
-    workdir: str = opt("demo", help="where every stage writes (web/ crawl/ filter/ shards/ run/ index/)")
+    workdir: str = opt("demo", help="where every stage writes (web/ crawl/ filter/ shards/ run/ embeddings/ index/)")
     max_emoji: int = opt(1200, help="distinct emoji rendered into the sample web")
     variants: int = opt(2, help="images per emoji")
     crawl_samples_per_shard: int = opt(1000, help="input rows per crawl shard")

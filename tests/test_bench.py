@@ -27,3 +27,22 @@ def test_bench_filter_tiny(tmp_path):
     assert s["kept"] + sum(s["dropped"].values()) == 20_000 and s["peak_rss_tree_mb"] > 0
     assert f["kept"] == 120 and f["floor_over_stages"] > 0  # distinct images, all kept and sharded
     assert r["clip"]["images"] == 16 and r["clip"]["images_per_s"] > 0
+
+
+def test_bench_index_tiny(tmp_path):
+    from helpers import load_bench
+
+    # 12 MB holds IVF-Flat (10.7 MB) but not HNSW32; --flat-max 1000: not Flat, so nprobe is tuned and applied
+    r = load_bench("bench_index").run(n=20_000, dim=128, queries=200, budget="12MB", workdir=str(tmp_path),
+                                      autofaiss=False, part_rows=6_000, build_args="--flat-max 1000",
+                                      http_requests=200, http_concurrency=4, latency_queries=50)
+    sides = r["sides"]
+    assert [s.get("error") for s in sides.values()] == [None] * 3, sides
+    exact, ours, web = sides["exact"], sides["clipforge"], sides["http"]
+    assert exact["recall_at_k"] == 1.0 and exact["bytes"] == 20_000 * 128 * 4
+    assert ours["factory"] != "Flat" and 0 < ours["bytes"] <= 12_000_000  # within the budget
+    assert ours["recall_at_k"] >= 0.9  # tuned by the builder on its own sample, measured on held-out queries
+    assert ours["qps_1_thread"] > 0 and ours["p99_ms"] >= ours["p50_ms"] > 0
+    # every query once over HTTP: the service answers what the index answers
+    assert web["ok"] == web["requests"] == 200 and abs(web["recall_at_k"] - ours["recall_at_k"]) <= 0.01
+    assert r["verdict"]["vs_exact"]["result"] in ("PASS", "FAIL") and r["verdict"]["vs_autofaiss"]["result"] == "n/a"
