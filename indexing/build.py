@@ -20,17 +20,15 @@ training, IVF adds and the ground truth run on GPU 0; the index is moved back to
 """
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 from indexing import grow
 from indexing.builder import BuildError, Gpu, IndexConfig, base_info, choose_for, finish, log, make_index, \
-    read_manifest
+    new_build_folder, read_manifest
 from indexing.tune import Collection
 from trainer.clip.flags import CLI, run_main
 from trainer.clip.formats.embeddings import EmbedFormatError
-from trainer.clip.formats.index import META_FILE, IndexFormatError, build_dir, new_build_id
+from trainer.clip.formats.index import META_FILE, IndexFormatError
 
 __all__ = ["IndexConfig", "BuildError", "build", "add", "main"]
 
@@ -51,22 +49,13 @@ def build(cfg: IndexConfig) -> dict:
         log(f"warning: {len(manifest['failed'])} part(s) failed in `clipforge embed` and are not indexed "
             f"(rerun embed, then `--add`)")
     choice = choose_for(cfg, coll)
-    build_id = new_build_id()
-    root = build_dir(Path(cfg.out).resolve(), build_id)
-    root.mkdir(parents=True)
-    try:
+    with new_build_folder(cfg.out) as (build_id, root):
         gpu = Gpu.open(cfg.device)
         index = grow.build_on_disk(cfg, coll, choice, root, gpu) if choice.on_disk else \
             make_index(cfg, coll, choice, gpu)
         base = base_info(embed_dir, manifest)
         grow.write_metadata(root / META_FILE, coll.sources, build_id, base["weights_sha256"], base["shards_dir"])
         return finish(cfg, index, coll, choice, root, build_id, base, t0, gpu)
-    except EmbedFormatError as e:
-        shutil.rmtree(root, ignore_errors=True)
-        raise BuildError(str(e)) from e
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
 
 
 def add(cfg: IndexConfig) -> dict:

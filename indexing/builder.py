@@ -5,6 +5,8 @@ indexing.build's docstring says; nothing here holds more than a training sample 
 """
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +21,8 @@ from indexing.tune import Collection, apply_params, default_params, ground_truth
 from trainer.clip.flags import flat, opt, require
 from trainer.clip.formats.atomic import atomic_write
 from trainer.clip.formats.embeddings import EmbedFormatError, read_embed_manifest
-from trainer.clip.formats.index import INDEX_FILE, IVFDATA_FILE, REPORT_FILE, commit_build, write_report
+from trainer.clip.formats.index import INDEX_FILE, IVFDATA_FILE, REPORT_FILE, build_dir, commit_build, new_build_id, \
+    write_report
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -79,6 +82,23 @@ class BuildError(RuntimeError):
 
 def log(msg: str) -> None:
     print(f"index: {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def new_build_folder(out: str | Path):
+    """(build id, INDEX_DIR/builds/<id>/) of a new build; the folder is removed if the block fails (an
+    EmbedFormatError becomes a BuildError), so a failed build leaves the current one untouched."""
+    build_id = new_build_id()
+    root = build_dir(Path(out).resolve(), build_id)
+    root.mkdir(parents=True)
+    try:
+        yield build_id, root
+    except EmbedFormatError as e:
+        shutil.rmtree(root, ignore_errors=True)
+        raise BuildError(str(e)) from e
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------ GPU

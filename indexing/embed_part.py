@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raykit.actors import failure_cause
-from trainer.clip.encode import BatchEncoder
+from trainer.clip.encode import LazyEncoder
 from trainer.clip.formats.embeddings import (EMBED_META_COLUMNS, part_paths, read_part_info, write_npy,
                                              write_part_meta)
 from trainer.clip.formats.ledger import embedding_paths
@@ -235,28 +235,12 @@ class PartEmbedder:
     """Embeds whole parts with one model, loaded on the first part that needs it (a Ray actor, or in-process)."""
 
     def __init__(self, settings: PartSettings, threads: int | None = 1, device: str = "cpu"):
-        import torch
-
         self.settings, self.device = settings, device
-        self.threads = max(1, int(threads or 1))
-        if threads:
-            torch.set_num_threads(self.threads)
-        self.encoder: BatchEncoder | None = None
-        self.dim = 0
-
-    def _load(self) -> None:
-        if self.encoder is not None:
-            return
-        from trainer.clip import checkpoint
-
-        model, preprocess, tokenizer = checkpoint.load_pretrained(self.settings.checkpoint, device=self.device)
-        self.dim = int(model.config.embed_dim)
-        self.encoder = BatchEncoder(model, preprocess, tokenizer, self.device, self.settings.batch_size,
-                                    self.threads)
+        self.model = LazyEncoder(settings.checkpoint, device, settings.batch_size, threads or 1,
+                                 set_threads=bool(threads))
 
     def close(self) -> None:
-        if self.encoder is not None:
-            self.encoder.close()
+        self.model.close()
 
     def embed(self, embed_dir: str, job: PartJob, attempt: int = 1) -> dict:
         """Embed (or skip) one part. -> {"id", "shard", "rows", "embedded", "reused", "encoded", "no_image",
@@ -289,10 +273,10 @@ class PartEmbedder:
         todo_mask = has_image.copy()
         todo_mask[pos] = False
         if todo_mask.any() or not len(pos):
-            self._load()
-            if len(pos) and self.dim != r_img.shape[1]:  # never with equal weights: encode all rather than mix
+            self.model.get()
+            if len(pos) and self.model.dim != r_img.shape[1]:  # never with equal weights: encode all rather than mix
                 pos, todo_mask = pos[:0], has_image.copy()
-        dim = self.dim if self.encoder is not None else int(r_img.shape[1])
+        dim = self.model.dim if self.model.loaded else int(r_img.shape[1])
         img, txt = np.zeros((rows.n, dim), s.dtype), np.zeros((rows.n, dim), s.dtype)
         embedded = np.zeros(rows.n, bool)
         if len(pos):
@@ -302,7 +286,7 @@ class PartEmbedder:
         todo = np.flatnonzero(todo_mask)
         if len(todo):
             captions = [rows.captions[i] for i in todo]
-            for idx, fi, ft in self.encoder.encode(job.tar, rows.offsets[todo], rows.sizes[todo], captions,
+            for idx, fi, ft in self.model.get().encode(job.tar, rows.offsets[todo], rows.sizes[todo], captions,
                                                    texts=s.captions):
                 at = todo[idx]
                 img[at], embedded[at] = fi, True

@@ -34,15 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexing.builder import BuildError, Gpu, IndexConfig, add_vectors, finish, log, new_index, read_manifest, \
-    train_index
+from indexing.builder import BuildError, Gpu, IndexConfig, add_vectors, finish, log, new_build_folder, new_index, \
+    read_manifest, train_index
 from indexing.choose import Choice
 from indexing.faissio import c_stdout_to_stderr, read_index
 from indexing.tune import Collection, Source, part_fingerprint
 from trainer.clip.formats.atomic import atomic_write
 from trainer.clip.formats.embeddings import EmbedFormatError, embed_parts
 from trainer.clip.formats.index import INDEX_FILE, IVFDATA_FILE, META_FILE, METADATA_COLUMNS, IndexFormatError, \
-    build_dir, metadata_writer_schema, new_build_id, open_index_set
+    metadata_writer_schema, open_index_set
 
 TRAINED_FILE, SLICES_DIR = "trained.index", ".slices"
 ROW_GROUP = 64_000
@@ -256,22 +256,13 @@ def add(cfg: IndexConfig) -> dict:
         return {**info, "report": current.report, "added": 0}
     choice = Choice.from_dict(info["choice"])
     log(f"adding {new.n:,} vectors from {len(new.sources)} new part(s) to {info['num_vectors']:,}")
-    build_id = new_build_id()
-    root = build_dir(out, build_id)
-    root.mkdir(parents=True)
-    try:
+    with new_build_folder(out) as (build_id, root):
         index = _grown_index(cfg, current.root, root, new, choice)
         base = {k: info.get(k) for k in ("weights_sha256", "checkpoint", "embeddings", "shards_dir")}
         write_metadata(root / META_FILE, new.sources, build_id, base["weights_sha256"], base["shards_dir"],
                        old=current.meta_path)
         result = finish(cfg, index, old + new, choice, root, build_id, base, t0, gpu)
         return {**result, "added": new.n}
-    except EmbedFormatError as e:
-        shutil.rmtree(root, ignore_errors=True)
-        raise BuildError(str(e)) from e
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
 
 
 def _grown_index(cfg: IndexConfig, old_root: Path, root: Path, new: Collection, choice: Choice):

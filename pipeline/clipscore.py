@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from raykit.actors import actor_plan, run_actors
 from raykit.config import DistributeConfig
-from trainer.clip.encode import BatchEncoder
+from trainer.clip.encode import LazyEncoder
 from trainer.clip.encode import load_image_at as load_image  # noqa: F401 -- this module's name for it
 from trainer.clip.flags import opt, require
 from trainer.clip.formats.atomic import atomic_open, atomic_write, atomic_write_json
@@ -199,23 +199,8 @@ class PartScorer:
     """Scores whole parts with one model (a Ray actor in score_parts; usable directly in one process)."""
 
     def __init__(self, cfg: ClipScoreConfig, weights_sha256: str, cpus: float = 1.0, device: str = "cpu"):
-        import torch
-
         self.cfg, self.weights_sha256, self.device = cfg, weights_sha256, device
-        self.threads = max(1, int(cpus))
-        torch.set_num_threads(self.threads)
-        self.encoder: BatchEncoder | None = None
-        self.dim = 0
-
-    def _load(self) -> None:
-        if self.encoder is not None:
-            return
-        from trainer.clip.checkpoint import load_pretrained
-
-        model, preprocess, tokenizer = load_pretrained(self.cfg.clip_checkpoint, device=self.device)
-        self.dim = int(model.config.embed_dim)
-        self.encoder = BatchEncoder(model, preprocess, tokenizer, self.device, self.cfg.clip_batch_size,
-                                    self.threads)
+        self.model = LazyEncoder(cfg.clip_checkpoint, device, cfg.clip_batch_size, max(1, int(cpus)))
 
     def score(self, filter_dir: str, job: ScoreJob, attempt: int = 1) -> dict:
         """Score one part (or reuse it). -> {"rows", "scored", "decode_failed", "dim", "reused", "seconds",
@@ -226,13 +211,13 @@ class PartScorer:
         done = reusable(filter_dir, job, part, self.weights_sha256, self.cfg.embeddings)
         if done is not None:
             return {**done, "reused": True, "seconds": time.monotonic() - t0, "actor": os.getpid()}
-        self._load()
+        self.model.get()  # loaded before the old files go
         scores_path(filter_dir, job.shard_id).unlink(missing_ok=True)  # the old completion marker goes first
         if not self.cfg.clip_save_embeddings:  # no stale embeddings of another model next to the new scores
             for npy in embedding_paths(filter_dir, job.shard_id):
                 npy.unlink(missing_ok=True)
         img, txt, scores = self._embed(job, part)
-        stats = {"rows": part.n, "scored": int(np.count_nonzero(~np.isnan(scores))), "dim": self.dim}
+        stats = {"rows": part.n, "scored": int(np.count_nonzero(~np.isnan(scores))), "dim": self.model.dim}
         stats["decode_failed"] = len(scores) - stats["scored"]
         self._write(filter_dir, job, part, img, txt, scores, stats)
         return {**stats, "reused": False, "seconds": time.monotonic() - t0, "actor": os.getpid()}
@@ -240,10 +225,10 @@ class PartScorer:
     def _embed(self, job: ScoreJob, part: PartInput):
         """-> (image emb [n, D] | None, text emb [n, D] | None, float32 scores per candidate, NaN = no image)."""
         dtype = self.cfg.clip_embedding_dtype
-        img = np.zeros((part.n, self.dim), dtype) if self.cfg.clip_save_embeddings else None
-        txt = np.zeros((part.n, self.dim), dtype) if self.cfg.clip_save_embeddings else None
+        img = np.zeros((part.n, self.model.dim), dtype) if self.cfg.clip_save_embeddings else None
+        txt = np.zeros((part.n, self.model.dim), dtype) if self.cfg.clip_save_embeddings else None
         scores = np.full(len(part.rows), np.nan, np.float32)
-        for idx, fi, ft in self.encoder.encode(job.crawl_tar, part.offsets, part.sizes, part.captions):
+        for idx, fi, ft in self.model.get().encode(job.crawl_tar, part.offsets, part.sizes, part.captions):
             scores[idx] = np.einsum("bd,bd->b", fi, ft)
             if img is not None:
                 img[part.rows[idx]], txt[part.rows[idx]] = fi, ft

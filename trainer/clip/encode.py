@@ -166,3 +166,37 @@ class BatchEncoder:
         if tokens is None:
             return fi, None
         return fi, encode_token_batch(self.model, tokens[torch.as_tensor(ok)], self.device, self.amp_dtype)
+
+
+class LazyEncoder:
+    """The BatchEncoder of a checkpoint, loaded on first use: a worker (a Ray actor, or this process) that only
+    finds parts already done never loads the model. Sets torch's thread count to `threads` when asked (an actor's
+    CPUs)."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int = 256, threads: int = 1,
+                 set_threads: bool = True):
+        import torch
+
+        self.checkpoint, self.device, self.batch_size = checkpoint, device, int(batch_size)
+        self.threads = max(1, int(threads or 1))
+        if set_threads:
+            torch.set_num_threads(self.threads)
+        self.encoder: BatchEncoder | None = None
+        self.dim = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self.encoder is not None
+
+    def get(self) -> BatchEncoder:
+        if self.encoder is None:
+            from trainer.clip.checkpoint import load_pretrained
+
+            model, preprocess, tokenizer = load_pretrained(self.checkpoint, device=self.device)
+            self.dim = int(model.config.embed_dim)
+            self.encoder = BatchEncoder(model, preprocess, tokenizer, self.device, self.batch_size, self.threads)
+        return self.encoder
+
+    def close(self) -> None:
+        if self.encoder is not None:
+            self.encoder.close()
