@@ -5,7 +5,9 @@ import os
 import stat
 import tarfile
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from webdataset.tariterators import base_plus_ext
 
@@ -155,13 +157,51 @@ def test_ledger_round_trip(tmp_path):
 
 
 def test_index_dir_contract(tmp_path):
+    """A build is committed by index.json (the swap), opened only when every file matches it, pruned to two."""
     with pytest.raises(index.IndexFormatError, match="index not found"):
         index.read_index_info(tmp_path)
     meta = pa.table({"key": ["k"], "caption": ["c"], "url": ["u"], "shard": ["s.tar"], "member": ["k.jpg"],
-                     "offset": [512], "size": [10]})
-    index.write_index_dir(tmp_path, lambda p: open(p, "wb").write(b"faiss bytes"), meta, {"dim": 4})
-    assert index.read_index_info(tmp_path) == {"format": index.INDEX_FORMAT, "dim": 4}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.index", "index.json", "metadata.parquet"]
-    (tmp_path / index.INFO_FILE).write_text(json.dumps({"format": "other"}))
+                     "offset": [512], "size": [10], "width": [64]})
+    ids = []
+    for _ in range(3):
+        bid = index.new_build_id()
+        root = index.build_dir(tmp_path, bid)
+        root.mkdir(parents=True)
+        (root / index.INDEX_FILE).write_bytes(b"faiss bytes")
+        index.write_metadata(root / index.META_FILE, meta, bid, "sha")
+        index.write_report(root / index.REPORT_FILE, {"recall@10": 1.0}, bid, "sha")
+        info = index.commit_build(tmp_path, bid, {"weights_sha256": "sha", "num_vectors": 1, "dim": 4})
+        ids.append(bid)
+        s = index.open_index_set(tmp_path)
+        assert s.build_id == bid and s.info == info and s.report["recall@10"] == 1.0
+        assert s.index_path == root / index.INDEX_FILE and info["files"] == {index.INDEX_FILE: 11}
+    assert sorted(p.name for p in (tmp_path / index.BUILDS_DIR).iterdir()) == sorted(ids[1:])  # current + previous
+    assert pq.read_schema(s.meta_path).names[:8] == [*index.METADATA_COLUMNS, "width"]
+    index.write_report(s.root / index.REPORT_FILE, {}, ids[1], "sha")  # another build's report
+    with pytest.raises(index.IndexFormatError, match="mismatched index set.*report build_id"):
+        index.open_index_set(tmp_path)
+    (tmp_path / index.INFO_FILE).write_text(json.dumps({"format": "clipforge.index.v1"}))
     with pytest.raises(index.IndexFormatError, match="unknown format"):
         index.read_index_info(tmp_path)
+
+
+def test_embed_dir_contract(tmp_path):
+    from trainer.clip.formats import embeddings as emb
+
+    with pytest.raises(emb.EmbedFormatError, match="run `clipforge embed` first"):
+        emb.read_embed_manifest(tmp_path)
+    img, txt, meta_path = emb.part_paths(tmp_path, 3)
+    x = np.eye(2, 4, dtype=np.float16)
+    emb.write_npy(img, x)
+    emb.write_npy(txt, x[::-1])
+    rows = pa.table({"key": ["a", "b"], "shard": ["s.tar"] * 2, "member": ["a.jpg", "b.jpg"], "offset": [512, 1536],
+                     "size": [10, 20], "caption": ["x", "y"], "url": ["u", "v"], "embedded": [True, False],
+                     "width": [64, 32]})
+    emb.write_part_meta(meta_path, rows, {"rows": 2, "weights_sha256": "sha"})
+    assert emb.read_part_info(meta_path) == {"rows": 2, "weights_sha256": "sha"}
+    emb.write_embed_manifest(tmp_path, {"parts": [{"id": 3, "shard": "s.tar", "rows": 2, "embedded": 1}]})
+    (part,) = emb.embed_parts(tmp_path)
+    assert part.id == 3 and np.array_equal(part.load("txt"), x[::-1]) and part.embedded_mask().tolist() == [True, False]
+    emb.write_npy(img, np.zeros((3, 4), np.float16))  # a part whose rows do not match the manifest
+    with pytest.raises(emb.EmbedFormatError, match="expected \\(2, D\\)"):
+        part.load("img")

@@ -111,3 +111,19 @@ def move_into_place(pairs: list[tuple[str | Path, str | Path]], durable: bool = 
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_format_json(path: str | Path, fmt: str, error: type[Exception], missing: str, stale: str) -> dict:
+    """A contract's JSON file, checked: `error(...)` when it is absent (message + `missing`), unreadable, not an
+    object, or of another "format" than `fmt` (message + `stale`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} does not exist: {missing}")
+    try:
+        obj = read_json(path)
+    except (OSError, ValueError) as e:
+        raise error(f"cannot read {path}: {e}") from e
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else None
+        raise error(f"{path}: unknown format {found!r}, expected {fmt!r} ({stale})")
+    return obj

@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from trainer.clip.formats.atomic import atomic_open, atomic_write, atomic_write_json, read_json
+from trainer.clip.formats.atomic import atomic_open, atomic_write, atomic_write_json, read_format_json
 
 EMBED_FORMAT = "clipforge.embed.v1"
 EMBED_MANIFEST, EMB_SUBDIR, META_SUBDIR = "embed.json", "emb", "meta"
@@ -93,17 +93,8 @@ def write_embed_manifest(embed_dir: str | Path, manifest: dict) -> dict:
 
 
 def read_embed_manifest(embed_dir: str | Path) -> dict:
-    path = Path(embed_dir) / EMBED_MANIFEST
-    if not path.is_file():
-        raise EmbedFormatError(f"{path} does not exist: run `clipforge embed` first")
-    try:
-        m = read_json(path)
-    except (OSError, ValueError) as e:
-        raise EmbedFormatError(f"cannot read {path}: {e}") from e
-    if not isinstance(m, dict) or m.get("format") != EMBED_FORMAT:
-        found = m.get("format") if isinstance(m, dict) else None
-        raise EmbedFormatError(f"{path}: format {found!r}, expected {EMBED_FORMAT!r} (re-run `clipforge embed`)")
-    return m
+    return read_format_json(Path(embed_dir) / EMBED_MANIFEST, EMBED_FORMAT, EmbedFormatError,
+                            "run `clipforge embed` first", "re-run `clipforge embed`")
 
 
 @dataclass(frozen=True)

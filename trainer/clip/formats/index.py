@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from trainer.clip.formats.atomic import atomic_write, atomic_write_json, read_json
+from trainer.clip.formats.atomic import atomic_write, atomic_write_json, read_format_json, read_json
 
 INDEX_FORMAT = "clipforge.index.v2"
 INDEX_FILE, IVFDATA_FILE, META_FILE, REPORT_FILE, BUILD_FILE = (
@@ -115,18 +115,9 @@ def _prune(index_dir: Path, keep: set[str]) -> None:
 
 def read_index_info(index_dir: str | Path) -> dict:
     """INDEX_DIR/index.json, checked for format. Raises IndexFormatError."""
-    path = Path(index_dir) / INFO_FILE
-    if not path.is_file():
-        raise IndexFormatError(f"index not found: {path} does not exist (build one with `clipforge index`)")
-    try:
-        info = read_json(path)
-    except (OSError, ValueError) as e:
-        raise IndexFormatError(f"cannot read {path}: {e}") from e
-    if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT:
-        found = info.get("format") if isinstance(info, dict) else None
-        raise IndexFormatError(f"{path}: unknown format {found!r}, expected {INDEX_FORMAT!r} (rebuild the index "
-                               f"with `clipforge index`)")
-    return info
+    return read_format_json(Path(index_dir) / INFO_FILE, INDEX_FORMAT, IndexFormatError,
+                            "index not found (build one with `clipforge index`)",
+                            "rebuild the index with `clipforge index`")
 
 
 @dataclass(frozen=True)
