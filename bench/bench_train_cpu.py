@@ -489,14 +489,21 @@ def open_clip_side(config_json: str, argv: list[str]) -> int:
     _patch_cpu_ddp()
     rows: list[dict] = []
     per_step = None
-    pat = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/")
+    pat = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
+    loss_pat = re.compile(r"_loss: ([-+0-9.eE]+|nan|inf)")
 
     class StepTimes(logging.Handler):
+        """Every 'Train Epoch' line -> {"step" (global, 1-based), "t", "epoch", "loss"} (open_clip counts samples
+        from 0 in every epoch)."""
         def emit(self, record):
             t = time.time()
-            m = pat.match(record.getMessage()) if isinstance(record.msg, str) else None
+            msg = record.getMessage() if isinstance(record.msg, str) else ""
+            m = pat.match(msg)
             if m and per_step:
-                rows.append({"step": int(m.group(1)) // per_step, "t": t})
+                epoch, seen, per_epoch = (int(x) for x in m.groups())
+                loss = loss_pat.search(msg)
+                rows.append({"step": epoch * (per_epoch // per_step) + seen // per_step, "t": t, "epoch": epoch,
+                             "loss": float(loss.group(1)) if loss else None})
 
     i = argv.index("--batch-size")
     world = int(os.environ.get("WORLD_SIZE", "1"))

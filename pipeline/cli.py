@@ -2,6 +2,7 @@
 
     clipforge sample-web OUT            render the offline sample image-text web      (pipeline.sampleweb)
     clipforge serve-web OUT             serve it on 127.0.0.1                         (pipeline.sampleweb)
+    clipforge heldout OUT               the held-out eval set in another emoji style  (pipeline.heldout)
     clipforge crawl URLS CRAWL_DIR      img2dataset + Ray -> WebDataset shards        (pipeline.crawl)
     clipforge filter CRAWL_DIR OUT      keep/drop with a reason per row               (pipeline.filter)
     clipforge stats FILTER_DIR          counts by reason + histograms of a ledger     (pipeline.stats)
@@ -26,6 +27,7 @@ import sys
 COMMANDS = {
     "sample-web": ("pipeline.sampleweb", "main_build", "render the offline sample image-text web"),
     "serve-web": ("pipeline.sampleweb", "main_serve", "serve a sample web on 127.0.0.1"),
+    "heldout": ("pipeline.heldout", "main", "render the held-out eval set (Noto Color Emoji, Unicode groups)"),
     "crawl": ("pipeline.crawl", "main", "download URL+caption lists with img2dataset on Ray"),
     "filter": ("pipeline.filter", "main", "basic rules + exact dedup, a reason for every drop"),
     "stats": ("pipeline.stats", "main", "counts by reason + histograms of a ledger"),

@@ -20,7 +20,6 @@ import io
 import random
 import sys
 import threading
-import unicodedata
 from dataclasses import asdict, dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.emojidata import picture_name
 from trainer.clip.flags import CLI, opt, run_main, section
 from trainer.clip.formats.atomic import atomic_write, atomic_write_bytes, atomic_write_json, read_json
 
@@ -72,13 +72,9 @@ def emoji_names(limit: int) -> list[tuple[str, str]]:
         parts = [x for x in parts if x != "FE0F"]
         if len(parts) != 1:
             continue
-        cp = int(parts[0], 16)
-        if cp < 0x2000:  # digits, '#', '*', ... are not pictures
-            continue
-        name = unicodedata.name(chr(cp), "")
-        if not name or "SKIN TONE" in name or "REGIONAL INDICATOR" in name:
-            continue
-        out.append((chr(cp), name.lower()))
+        name = picture_name(chr(int(parts[0], 16)))
+        if name:
+            out.append((chr(int(parts[0], 16)), name))
     if limit:
         step = max(1, len(out) // limit)  # spread over the whole table, not just the first block
         out = out[::step][:limit]

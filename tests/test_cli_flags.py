@@ -40,6 +40,7 @@ def test_every_flag_has_help_and_a_default_config_builds(cls):
 PRINTED = {
     "sample-web": (["out", "--tiny", "--port", "9"], lambda c: c["web"]["port"] == 9 and c["web"]["max_emoji"] == 120),
     "serve-web": (["out"], lambda c: c["port"] is None),
+    "heldout": (["h", "--tiny", "--image-size", "96"], lambda c: c["image_size"] == 96 and c["max_emoji"] == 90),
     "crawl": (["u.parquet", "c", "--ignore-opt-out", "--save-additional-columns", "a", "b"],
               lambda c: c["fetch"]["ignore_opt_out"] and c["save_additional_columns"] == ["a", "b"]),
     "filter": (["c", "f", "--demo", "--no-exact-pair", "--languages"],

@@ -55,6 +55,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     ds = json.loads((w / "run" / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2
     assert json.loads((w / "run" / "train_config.json").read_text())["grad_checkpointing"] is True
+    # held-out style: the trainer evaluated the Noto set at the end, and the demo printed it
+    h = s["heldout"]
+    assert h is not None and h["step"] == cfg.steps and h["num_images"] == cfg.heldout_max
+    assert all(0.0 <= h[k] <= 1.0 for k in ("text->image R@10", "zero-shot group top-1"))
+    assert "held-out style (Noto Color Emoji" in out
     # index: one vector per kept sample, aligned metadata
     assert s["embed"]["num_rows"] == s["embed"]["num_embedded"] == kept and not s["embed"]["failed"]
     assert s["index"]["num_vectors"] == kept

@@ -2,7 +2,7 @@
 
     TrainConfig  out, nproc, zero, seed, log_every, ds_shm_comm, and the sections
       .model          ModelConfig            --model --loss --patch-dropout --compile
-      .data           DataConfig             --shards --shard-weights --resampled --workers --shuffle-buffer --aug-scale
+      .data           DataConfig             --shards --shard-weights --resampled --workers --shuffle-buffer --aug-*
       .optim          OptimConfig            --steps | --epochs, --batch-size --grad-accum --lr --weight-decay ...
       .precision      PrecisionConfig        --precision --loss-scale-power
       .checkpointing  ActivationCheckpointing  --grad-checkpointing --offload-activations --checkpoint-chunks ...
@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainer.clip.flags import opt, require, section, with_flags
+from trainer.clip.transform import TrainAugment
 from trainer.loss import LOSSES
 from trainer.parallel import POLICIES
 
@@ -52,6 +53,9 @@ class DataConfig:
     shuffle_buffer: int = opt(1000, help="samples in each data slot's seeded shuffle buffer")
     aug_scale: tuple[float, float] = opt((0.9, 1.0), metavar=("MIN", "MAX"),
                                          help="random resized crop: the range of the image area kept")
+    aug_colour: float = opt(0.0, help="colour jitter: brightness, contrast and saturation factors drawn from "
+                                      "[1 - C, 1 + C] (0: off)")
+    aug_grayscale: float = opt(0.0, help="probability of turning a training image grayscale")
 
     def __post_init__(self):
         if isinstance(self.shards, str):
@@ -62,6 +66,11 @@ class DataConfig:
         require(self, "shuffle_buffer", self.shuffle_buffer >= 1, "must be >= 1")
         lo, hi = self.aug_scale
         require(self, "aug_scale", 0 < lo <= hi <= 1, f"needs 0 < MIN <= MAX <= 1, got {lo} {hi}")
+        require(self, "aug_colour", 0 <= self.aug_colour < 1, "must be in [0, 1)")
+        require(self, "aug_grayscale", 0 <= self.aug_grayscale <= 1, "must be in [0, 1]")
+
+    def augment(self) -> TrainAugment:
+        return TrainAugment(scale=tuple(self.aug_scale), colour=self.aug_colour, grayscale=self.aug_grayscale)
 
 
 @dataclass

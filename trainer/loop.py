@@ -27,7 +27,6 @@ from trainer.clip.checkpoint import export_open_clip, save_model
 from trainer.clip.flags import flat
 from trainer.clip.formats.atomic import atomic_write_json
 from trainer.clip.model import CLIP
-from trainer.clip.transform import TrainAugment
 from trainer.config import TrainConfig
 from trainer.data import read_sources, train_batches
 from trainer.evaluate import build_eval_data, evaluate, flatten_metrics
@@ -152,7 +151,7 @@ class Run:
         d = cfg.data
         self.batches = train_batches(p.sources, mc.vision.image_size, mc.text.context_length, cfg.optim.batch_size,
                                      seed=cfg.seed, rank=self.rank, world=p.world, workers=d.workers,
-                                     shuffle_buffer=d.shuffle_buffer, augment=TrainAugment(scale=tuple(d.aug_scale)),
+                                     shuffle_buffer=d.shuffle_buffer, augment=d.augment(),
                                      resampled=d.resampled, state=rank_state.get("data"), pin_memory=self.on_gpu)
         if rank_state.get("rng"):  # the RNGs as they were after the checkpoint's step (the stream has its own seeds)
             resume.set_rng_state(rank_state["rng"])

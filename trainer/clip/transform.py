@@ -2,7 +2,8 @@
 
 eval:  RGB -> bicubic resize of the short side to S -> center crop S x S -> [0,1] tensor -> CLIP mean/std.
 train: RGB -> random resized crop (TrainAugment: area 90-100%, aspect 3/4-4/3 by default) to S x S, bicubic
-       -> tensor -> mean/std. The eval path matches OpenAI's / open_clip's preprocessing tensor for tensor.
+       -> colour jitter (brightness, contrast, saturation, each by a factor in [1 - c, 1 + c], in random order)
+       -> grayscale with probability g (both off by default) -> tensor -> mean/std. The eval path matches OpenAI's / open_clip's preprocessing tensor for tensor.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -70,9 +71,31 @@ def random_resized_crop(
 @dataclass
 class TrainAugment:
     """Training augmentation. The CLIP paper uses only a random square crop of the resized image; the defaults
-    here are a mild random resized crop."""
+    here are a mild random resized crop. Every draw comes from the rng the caller passes (one per sample)."""
     scale: tuple[float, float] = (0.9, 1.0)  # fraction of the image area kept by the crop
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range
+    colour: float = 0.0  # colour jitter strength c: brightness, contrast, saturation factors in [1 - c, 1 + c]
+    grayscale: float = 0.0  # probability of a grayscale image
+
+    def __post_init__(self):
+        if not 0 <= self.colour < 1 or not 0 <= self.grayscale <= 1:
+            raise ValueError(f"colour jitter must be in [0, 1) and grayscale in [0, 1], got {self.colour}, "
+                             f"{self.grayscale}")
+
+
+_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def colour_augment(img: Image.Image, aug: TrainAugment, rng) -> Image.Image:
+    """Colour jitter then grayscale, as TrainAugment says (a no-op, drawing nothing, when both are off)."""
+    if aug.colour > 0:
+        order = list(range(len(_ENHANCERS)))
+        rng.shuffle(order)
+        for i in order:
+            img = _ENHANCERS[i](img).enhance(rng.uniform(1 - aug.colour, 1 + aug.colour))
+    if aug.grayscale > 0 and rng.random() < aug.grayscale:
+        img = img.convert("L").convert("RGB")
+    return img
 
 
 def image_transform(image_size: int, train: bool = False,
@@ -84,6 +107,8 @@ def image_transform(image_size: int, train: bool = False,
         return _to_tensor(resize_center_crop(_to_rgb(img), image_size))
 
     def train_fn(img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:  # rng: None -> `random`
-        return _to_tensor(random_resized_crop(_to_rgb(img), image_size, scale=aug.scale, ratio=aug.ratio, rng=rng))
+        rng = rng or random
+        crop = random_resized_crop(_to_rgb(img), image_size, scale=aug.scale, ratio=aug.ratio, rng=rng)
+        return _to_tensor(colour_augment(crop, aug, rng))
 
     return train_fn if train else eval_fn
