@@ -294,6 +294,19 @@ def table(summary: dict, rat: dict) -> list[str]:
     return lines
 
 
+def markdown_rows(paths: list[str]) -> list[str]:
+    """A markdown table of result JSONs (ablation arms): per side, mean +- std over the seeds of each headline metric."""
+    keys = ("t2i_R@1", "t2i_R@10", "i2t_R@10", "zs_top1", "zs_mean_per_class")
+    lines = ["| arm | side | seeds | steps | " + " | ".join(keys) + " |", "|---" * (4 + len(keys)) + "|"]
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        arm = " ".join(r["config"].get("clipforge_args") or []) or "defaults"
+        for side, s in r["summary"].items():
+            lines.append(f"| `{arm}` | {side} | {s['seeds']} | {s['steps']:.0f} | " + " | ".join(
+                f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in keys) + " |")
+    return lines
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -403,12 +416,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", help="keep data, runs and logs here (default: a temp dir, deleted)")
     p.add_argument("--out", help="write the JSON result here")
     p.add_argument("--plot", help="write the training curves PNG here")
+    p.add_argument("--table", nargs="+", metavar="RESULT.json", help="print a markdown table of earlier results "
+                                                                     "(ablation arms) and exit")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
+    if a.table:
+        print("\n".join(markdown_rows(a.table)))
+        return 0
     try:
         cfg = QualityConfig(minutes=a.minutes, seeds=a.seeds, sides=tuple(a.sides), model=a.model, batch=a.batch,
                             lr=a.lr, weight_decay=a.weight_decay, warmup_frac=a.warmup_frac, nproc=a.nproc,
