@@ -26,11 +26,11 @@ class EmojiDataError(RuntimeError):
 
 def picture_name(char: str) -> str | None:
     """The caption name of a single-codepoint picture emoji, or None for what is not a picture (digits, '#',
-    regional indicators, skin-tone modifiers, unnamed code points)."""
+    regional indicators, skin-tone swatches and hair components, unnamed code points)."""
     if len(char) != 1 or ord(char) < 0x2000:
         return None
     name = unicodedata.name(char, "")
-    if not name or "SKIN TONE" in name or "REGIONAL INDICATOR" in name:
+    if not name or "REGIONAL INDICATOR" in name or name.startswith(("EMOJI MODIFIER", "EMOJI COMPONENT")):
         return None
     return name.lower()
 

@@ -6,7 +6,8 @@
         KEY.png   the glyph rendered by Pillow (embedded colour) centred on white, resized to --image-size
         KEY.txt   its name, the same naming the sample web's captions use ("red apple": pipeline.emojidata)
         KEY.json  {"label": its Unicode group as a class name, "group", "subgroup", "codepoint", "name", "style"}
-    OUT/classes.json   {"classnames": the 9 Unicode groups ("food and drink", ...), "templates": [...]}
+    OUT/classes.json   {"classnames": the 9 Unicode groups ("food and drink", ...), "templates": [...],
+                        "synonyms": {group: its Unicode subgroup names ("food fruit", "drink", ...)}}
     OUT/heldout.json   what was built (config, counts per group, font) -- written last
 
 It is the eval contract of trainer.evaldata as it stands: `--eval-retrieval OUT --eval-zeroshot OUT
@@ -114,6 +115,17 @@ def _sample(e, font, side: int) -> dict:
     return {"__key__": key, "png": _png(render(e.char, font, side)), "txt": e.name, "json": meta}
 
 
+def group_synonyms(groups: list[str]) -> dict[str, list[str]]:
+    """Each group's zero-shot names besides its own: Unicode's subgroup names ("food-fruit" -> "food fruit"), the
+    taxonomy's words for what a group holds (from emoji-test.txt, not from any image)."""
+    table = emoji_table().values()
+    out = {}
+    for g in groups:
+        subs = dict.fromkeys(e.subgroup.replace("-", " ") for e in table if e.group == g)
+        out[group_classname(g)] = [s for s in subs if s != group_classname(g)]
+    return {k: v for k, v in out.items() if v}
+
+
 def build(cfg: HeldoutConfig) -> dict:
     """Write the held-out set under cfg.out; returns the summary also written to OUT/heldout.json."""
     out = Path(cfg.out)
@@ -126,7 +138,8 @@ def build(cfg: HeldoutConfig) -> dict:
     chunks = [chosen[i:i + n] for i in range(0, len(chosen), n)]
     write_shard_dir(out, ([_sample(e, font, cfg.image_size) for e in chunk] for chunk in chunks), heldout=STYLE)
     present = [g for g in GROUPS if any(e.group == g for e in chosen)]
-    classes = {"classnames": [group_classname(g) for g in present], "templates": list(TEMPLATES)}
+    classes = {"classnames": [group_classname(g) for g in present], "templates": list(TEMPLATES),
+               "synonyms": group_synonyms(present)}
     atomic_write_json(out / "classes.json", classes)
     summary = {"config": asdict(cfg), "font": str(font_path), "style": STYLE, "num_samples": len(chosen),
                "groups": dict(Counter(group_classname(e.group) for e in chosen)),

@@ -41,6 +41,7 @@ def test_emoji_table_names_and_groups(noto):
     assert {e.group for e in table.values()} == set(emojidata.GROUPS)
     assert all(emojidata.picture_name(c) == e.name for c, e in list(table.items())[:50])
     assert emojidata.picture_name("#") is None and emojidata.picture_name("\U0001F1E6") is None  # regional A
+    assert emojidata.picture_name("\U0001F3FB") is None and emojidata.picture_name("\U0001F9B0") is None  # tone, hair
     # the sample web's concepts are named by the same rule
     om = dict(sampleweb.emoji_names(0))
     shared = [c for c in om if c in table]
@@ -55,6 +56,7 @@ def test_heldout_set_is_an_eval_set(noto, tmp_path):
     zs = load_zeroshot_set(tmp_path / "h", tmp_path / "h" / "classes.json")
     assert len(ret.samples) == len(zs.samples) == cfg.max_emoji
     assert set(zs.classnames) == set(summary["groups"]) and len(zs.templates) == len(heldout.TEMPLATES)
+    assert "food fruit" in zs.synonyms["food and drink"] and "animal mammal" in zs.synonyms["animals and nature"]
     table = {f"{ord(c):06x}": e for c, e in emojidata.emoji_table().items()}
     for shard in list_shards(tmp_path / "h").shards:
         for s in iter_tar_samples(shard.tar):

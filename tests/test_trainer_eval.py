@@ -461,3 +461,28 @@ def test_zero3_engine_module_two_ranks(tmp_path):
         for task in ("retrieval", "zeroshot"):
             for k, v in single[task].items():
                 assert got["metrics"][task][k] == pytest.approx(v, abs=1e-6), (r, task, k)
+
+
+def test_zeroshot_synonyms_average_every_name(tmp_path):
+    from trainer.evaluate import zeroshot_classifier
+
+    model = _tiny()
+    templates = ["a {}.", "an icon of {}."]
+    plain = zeroshot_classifier(model, ["cat", "car"], templates, "cpu")
+    with_syn = zeroshot_classifier(model, ["cat", "car"], templates, "cpu", synonyms={"cat": ["kitten", "tabby"]})
+    assert torch.allclose(plain[:, 1], with_syn[:, 1])  # no synonyms: unchanged
+    # one template: each name's column is its normalised prompt embedding, and a class with synonyms is the
+    # renormalised mean of its names' embeddings
+    one = ["a {}."]
+    every = zeroshot_classifier(model, ["cat", "kitten", "tabby"], one, "cpu")
+    syn = zeroshot_classifier(model, ["cat"], one, "cpu", synonyms={"cat": ["kitten", "tabby"]})
+    assert torch.allclose(syn[:, 0], torch.nn.functional.normalize(every.mean(dim=1), dim=0), atol=1e-5)
+    assert not torch.allclose(with_syn[:, 0], plain[:, 0], atol=1e-3)
+    (tmp_path / "c.json").write_text(json.dumps({"classnames": ["cat"], "synonyms": {"dog": ["puppy"]}}))
+    with pytest.raises(ed.EvalDataError, match="not classnames"):
+        ed.load_classes(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text(json.dumps({"classnames": ["cat"], "synonyms": {"cat": []}}))
+    with pytest.raises(ed.EvalDataError, match="non-empty lists"):
+        ed.load_classes(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text(json.dumps({"classnames": ["cat"], "synonyms": {"cat": ["kitten"]}}))
+    assert ed.load_classes(tmp_path / "c.json")[2] == {"cat": ["kitten"]}

@@ -55,3 +55,13 @@ def test_colour_augment_is_seeded_and_off_by_default():
     assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)
     with pytest.raises(ValueError):
         TrainAugment(colour=1.5)
+
+
+def test_blur_augment_smooths():
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    sharp = image_transform(64, train=True, augment=TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0)))
+    blurred = image_transform(64, train=True, augment=TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), blur=1.0))
+    a, b = sharp(img, random.Random(0)), blurred(img, random.Random(0))
+    assert b.std() < a.std()  # a blur of white noise lowers its variance
+    assert torch.equal(b, blurred(img, random.Random(0)))  # seeded

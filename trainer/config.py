@@ -56,6 +56,7 @@ class DataConfig:
     aug_colour: float = opt(0.0, help="colour jitter: brightness, contrast and saturation factors drawn from "
                                       "[1 - C, 1 + C] (0: off)")
     aug_grayscale: float = opt(0.0, help="probability of turning a training image grayscale")
+    aug_blur: float = opt(0.0, help="probability of a Gaussian blur (radius 0.2-2 %% of the image side)")
 
     def __post_init__(self):
         if isinstance(self.shards, str):
@@ -68,9 +69,11 @@ class DataConfig:
         require(self, "aug_scale", 0 < lo <= hi <= 1, f"needs 0 < MIN <= MAX <= 1, got {lo} {hi}")
         require(self, "aug_colour", 0 <= self.aug_colour < 1, "must be in [0, 1)")
         require(self, "aug_grayscale", 0 <= self.aug_grayscale <= 1, "must be in [0, 1]")
+        require(self, "aug_blur", 0 <= self.aug_blur <= 1, "must be in [0, 1]")
 
     def augment(self) -> TrainAugment:
-        return TrainAugment(scale=tuple(self.aug_scale), colour=self.aug_colour, grayscale=self.aug_grayscale)
+        return TrainAugment(scale=tuple(self.aug_scale), colour=self.aug_colour, grayscale=self.aug_grayscale,
+                            blur=self.aug_blur)
 
 
 @dataclass

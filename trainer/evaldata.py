@@ -7,8 +7,9 @@ Eval data contract
   Labelled data (zero-shot, linear probe), either
     * a shard dir whose samples carry a class label: the `.cls` member (an integer class index, as text) or a
       `"label"` key in the `.json` member (a class name, or an integer index), plus a classes file
-      `{"classnames": [...], "templates": ["a photo of a {}.", ...]}` (templates optional; a bare JSON list is
-      taken as the classnames). Without a classes file, name labels define the classes (sorted); integer labels
+      `{"classnames": [...], "templates": ["a photo of a {}.", ...], "synonyms": {"classname": ["another name"]}}`
+      (templates and synonyms optional; a bare JSON list is taken as the classnames). A class's zero-shot
+      embedding is the mean over its names (the classname, then its synonyms) x the templates. Without a classes file, name labels define the classes (sorted); integer labels
       then have no names (fine for the linear probe, an error for zero-shot). A sample without a label is
       skipped and counted; a name not in the classnames, or an index out of range, is an error.
     * an ImageFolder-style dir: one sub-directory per class holding its images (searched recursively); the class
@@ -78,6 +79,7 @@ class EvalSet:
     classnames: list[str] | None = None  # None: integer labels without names
     templates: list[str] | None = None
     skipped: dict[str, int] = field(default_factory=dict)  # found while scanning, by reason
+    synonyms: dict[str, list[str]] | None = None  # class name -> more names for it (zero-shot prompts)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -158,8 +160,20 @@ def load_retrieval_set(path: str | Path) -> EvalSet:
     return EvalSet(str(root), "shards", samples, skipped=dict(skipped))
 
 
-def load_classes(path: str | Path) -> tuple[list[str] | None, list[str] | None]:
-    """A classes file -> (classnames or None, templates or None). Raises EvalDataError."""
+def _check_synonyms(synonyms, classnames: list[str] | None, p: Path) -> dict[str, list[str]] | None:
+    if synonyms is None:
+        return None
+    if not isinstance(synonyms, dict) or not all(
+            isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v) for v in synonyms.values()):
+        raise EvalDataError(f"classes file {p}: \"synonyms\" must map class names to non-empty lists of names")
+    unknown = [c for c in synonyms if classnames is None or c not in classnames]
+    if unknown:
+        raise EvalDataError(f"classes file {p}: synonyms for names that are not classnames: {unknown[:5]}")
+    return {c: list(v) for c, v in synonyms.items()}
+
+
+def load_classes(path: str | Path) -> tuple[list[str] | None, list[str] | None, dict[str, list[str]] | None]:
+    """A classes file -> (classnames or None, templates or None, synonyms or None). Raises EvalDataError."""
     p = Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
@@ -184,7 +198,7 @@ def load_classes(path: str | Path) -> tuple[list[str] | None, list[str] | None]:
         bad = [t for t in templates if "{}" not in t]
         if bad:
             raise EvalDataError(f"classes file {p}: templates without a {{}} placeholder: {bad[:3]}")
-    return classnames, templates
+    return classnames, templates, _check_synonyms(d.get("synonyms"), classnames, p)
 
 
 def _parse_label(key: str, group: dict, tar: str) -> int | str | None:
@@ -247,7 +261,7 @@ def _folder_samples(root: Path) -> tuple[list[EvalSample], list[str]]:
 def load_labelled_set(path: str | Path, classes: str | Path | None = None) -> EvalSet:
     """A labelled shard dir or an ImageFolder dir (see the module docstring). Raises EvalDataError."""
     root = _check_dir(path, "labelled eval data")
-    classnames, templates = load_classes(classes) if classes is not None else (None, None)
+    classnames, templates, synonyms = load_classes(classes) if classes is not None else (None, None, None)
     skipped: Counter = Counter()
     if is_shard_dir(root):
         kind, samples, raw = "shards", [], []
@@ -275,7 +289,7 @@ def load_labelled_set(path: str | Path, classes: str | Path | None = None) -> Ev
             known = set(classnames)
             raw = [d if d in known or f not in known else f for d, f in zip(display, folders)]
     labels, classnames = _index_labels(raw, classnames, str(root))
-    return EvalSet(str(root), kind, samples, labels, classnames, templates, dict(skipped))
+    return EvalSet(str(root), kind, samples, labels, classnames, templates, dict(skipped), synonyms)
 
 
 def load_zeroshot_set(path: str | Path, classes: str | Path | None = None) -> EvalSet:

@@ -171,18 +171,21 @@ def embed_images(model, samples: Sequence[EvalSample], device, *, batch_size: in
 
 def zeroshot_classifier(model, classnames: Sequence[str], templates: Sequence[str], device, *,
                         batch_size: int = 256, rank: int = 0, world: int = 1, image_size: int | None = None,
-                        context_length: int | None = None) -> torch.Tensor:
-    """-> W [D, C] float32 CPU: per class the mean of its normalised prompt embeddings, renormalised.
-    The C*T prompts are split over the ranks (same call count on every rank)."""
+                        context_length: int | None = None, synonyms: dict[str, Sequence[str]] | None = None
+                        ) -> torch.Tensor:
+    """-> W [D, C] float32 CPU: per class the mean of its normalised prompt embeddings (every template with the
+    class name and each of its synonyms), renormalised. The prompts are split over the ranks (same call count on
+    every rank)."""
     _check_world(rank, world)
     image_size, context_length = _model_sizes(model, image_size, context_length)
-    C, T = len(classnames), len(templates)
-    if C == 0 or T == 0:
+    if not classnames or not templates:
         raise ValueError("zero-shot needs at least one class name and one template")
-    prompts = [t.replace("{}", c) for c in classnames for t in templates]  # class-major
+    names = [[c, *(synonyms or {}).get(c, ())] for c in classnames]
+    prompts = [t.replace("{}", n) for ns in names for n in ns for t in templates]  # class-major
     _, txt, _ = _embed(model, len(prompts), None, prompts, device, batch_size=batch_size, workers=0, rank=rank,
                        world=world, image_size=image_size, context_length=context_length)
-    per_class = txt.view(C, T, -1).mean(dim=1)  # [C, D]
+    counts = torch.tensor([len(ns) * len(templates) for ns in names])
+    per_class = torch.stack([x.mean(dim=0) for x in torch.split(txt, counts.tolist())])  # [C, D]
     return F.normalize(per_class, dim=-1).T.contiguous()  # [D, C]
 
 
@@ -332,12 +335,13 @@ def _retrieval(model, s: EvalSet, device, kw: dict) -> dict:
 def _zeroshot(model, s: EvalSet, device, kw: dict) -> dict:
     classifier = zeroshot_classifier(model, s.classnames, s.templates, device, batch_size=kw["batch_size"],
                                      rank=kw["rank"], world=kw["world"], image_size=kw["image_size"],
-                                     context_length=kw["context_length"])
+                                     context_length=kw["context_length"], synonyms=s.synonyms)
     img, _, ok = _embed(model, len(s), s.samples, None, device, **kw)
     _require_decoded(ok, "zero-shot", s)
     metrics = zeroshot_metrics(img[ok], s.labels[ok.numpy()], classifier)
     return {**metrics, "num_samples": int(ok.sum()), "num_classes": len(s.classnames),
-            "num_templates": len(s.templates), **_skips(s, ok)}
+            "num_templates": len(s.templates),
+            "num_synonyms": sum(len(v) for v in (s.synonyms or {}).values()), **_skips(s, ok)}
 
 
 def evaluate(model: torch.nn.Module, data: EvalData, device, rank: int = 0, world: int = 1, *,

@@ -3,7 +3,7 @@
 eval:  RGB -> bicubic resize of the short side to S -> center crop S x S -> [0,1] tensor -> CLIP mean/std.
 train: RGB -> random resized crop (TrainAugment: area 90-100%, aspect 3/4-4/3 by default) to S x S, bicubic
        -> colour jitter (brightness, contrast, saturation, each by a factor in [1 - c, 1 + c], in random order)
-       -> grayscale with probability g (both off by default) -> tensor -> mean/std. The eval path matches OpenAI's / open_clip's preprocessing tensor for tensor.
+       -> grayscale with probability g -> Gaussian blur with probability b (all off by default) -> tensor -> mean/std. The eval path matches OpenAI's / open_clip's preprocessing tensor for tensor.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -76,18 +76,19 @@ class TrainAugment:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range
     colour: float = 0.0  # colour jitter strength c: brightness, contrast, saturation factors in [1 - c, 1 + c]
     grayscale: float = 0.0  # probability of a grayscale image
+    blur: float = 0.0  # probability of a Gaussian blur, radius uniform in [0.2, 2] % of the image side
 
     def __post_init__(self):
-        if not 0 <= self.colour < 1 or not 0 <= self.grayscale <= 1:
-            raise ValueError(f"colour jitter must be in [0, 1) and grayscale in [0, 1], got {self.colour}, "
-                             f"{self.grayscale}")
+        if not 0 <= self.colour < 1 or not 0 <= self.grayscale <= 1 or not 0 <= self.blur <= 1:
+            raise ValueError(f"colour jitter must be in [0, 1), grayscale and blur in [0, 1], got {self.colour}, "
+                             f"{self.grayscale}, {self.blur}")
 
 
 _ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
 
 
 def colour_augment(img: Image.Image, aug: TrainAugment, rng) -> Image.Image:
-    """Colour jitter then grayscale, as TrainAugment says (a no-op, drawing nothing, when both are off)."""
+    """Colour jitter, grayscale, then blur, as TrainAugment says (a no-op, drawing nothing, when all are off)."""
     if aug.colour > 0:
         order = list(range(len(_ENHANCERS)))
         rng.shuffle(order)
@@ -95,6 +96,8 @@ def colour_augment(img: Image.Image, aug: TrainAugment, rng) -> Image.Image:
             img = _ENHANCERS[i](img).enhance(rng.uniform(1 - aug.colour, 1 + aug.colour))
     if aug.grayscale > 0 and rng.random() < aug.grayscale:
         img = img.convert("L").convert("RGB")
+    if aug.blur > 0 and rng.random() < aug.blur:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.002, 0.02) * img.size[0]))
     return img
 
 
