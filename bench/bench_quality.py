@@ -224,10 +224,9 @@ def evaluate_checkpoint(path: Path, data: dict) -> dict[str, float]:
 
     # open_clip's epoch_K.pt records no activation; its config (clipforge's, exported) has plain GELU, the default
     logging.getLogger("trainer.clip.checkpoint").setLevel(logging.ERROR)
-    res = flatten_metrics(run(EvalRunConfig(checkpoint=str(path), retrieval=data["heldout"],
-                                            zeroshot=data["heldout"], classes=data["classes"], device="cpu",
-                                            workers=0)), prefix="")
-    return {k: float(res[v]) for k, v in METRICS.items()}
+    return _pick(flatten_metrics(run(EvalRunConfig(checkpoint=str(path), retrieval=data["heldout"],
+                                                   zeroshot=data["heldout"], classes=data["classes"],
+                                                   device="cpu", workers=0)), prefix=""))
 
 
 def _pick(flat: dict) -> dict[str, float]:
@@ -295,7 +294,8 @@ def table(summary: dict, rat: dict) -> list[str]:
 
 
 def markdown_rows(paths: list[str]) -> list[str]:
-    """A markdown table of result JSONs (ablation arms): per side, mean +- std over the seeds of each headline metric."""
+    """A markdown table of result JSONs (ablation arms): per side, mean +- std over the seeds of each headline
+    metric."""
     keys = ("t2i_R@1", "t2i_R@10", "i2t_R@10", "zs_top1", "zs_mean_per_class")
     lines = ["| arm | side | seeds | steps | " + " | ".join(keys) + " |", "|---" * (4 + len(keys)) + "|"]
     for p in paths:
@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = QualityConfig(minutes=a.minutes, seeds=a.seeds, sides=tuple(a.sides), model=a.model, batch=a.batch,
                             lr=a.lr, weight_decay=a.weight_decay, warmup_frac=a.warmup_frac, nproc=a.nproc,
-                            workers=a.workers, threads=a.threads, points=a.points, probe_steps=a.probe_steps, steps=a.steps,
+                            workers=a.workers, threads=a.threads, points=a.points, probe_steps=a.probe_steps,
+                            steps=a.steps,
                             max_emoji=a.max_emoji, variants=a.variants, heldout_max=a.heldout_max,
                             clipforge_args=shlex.split(a.clipforge_args))
     except ValueError as e:

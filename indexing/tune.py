@@ -339,10 +339,11 @@ def _bisect(run, size: int, axes: list, target: float) -> None:
 def tune(index, names: list[str], xq: np.ndarray, truth: Truth, k: int, target: float, nlist: int = 0) -> TuneResult:
     """The cheapest setting (measured ms per query, batched, on xq) of the parameters `names` whose recall@k on
     xq reaches `target` plus recall_margin (so that other queries reach the target too; when only the target
-    itself is reachable, the cheapest setting reaching it). For each combination of the secondary parameters (k_factor_rf, quantizer_efSearch as a
-    multiple of nprobe), the smallest primary value (nprobe or efSearch) reaching the target is found by
-    bisection (recall grows with it). When no setting reaches the target, the best recall found is the plateau:
-    the cheapest setting within PLATEAU of it is taken (not simply the most expensive one), and the note says so."""
+    itself is reachable, the cheapest setting reaching it). For each combination of the secondary parameters
+    (k_factor_rf, quantizer_efSearch as a multiple of nprobe), the smallest primary value (nprobe or efSearch)
+    reaching the aim is found by bisection (recall grows with it). When no setting reaches the target, the best
+    recall found is the plateau: the cheapest setting within PLATEAU of it is taken (not simply the most expensive
+    one), and the note says so."""
     names = [n for n in names if n in ("nprobe", "quantizer_efSearch", "efSearch", "k_factor_rf")]
     if not names or not len(xq):
         t = evaluate(index, {}, xq, truth, k) if len(xq) else {"params": {}, "recall": float("nan")}

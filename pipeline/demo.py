@@ -1,9 +1,10 @@
 """`make demo` / `clipforge demo`: every stage, end to end, on the offline sample web.
 
-    sample web (openmoji) + held-out set (Noto Color Emoji) -> served on 127.0.0.1 -> crawl (img2dataset on in-process Ray) -> filter (preset demo:
-    rules, language ID, exact + near-duplicate dedup, metadata balancing) -> ledger summary -> shard
-    -> train (DeepSpeed ZeRO-2, 2 gloo ranks, gradient checkpointing; evaluated on the held-out style) -> embed (images + captions) -> FAISS index
-    (chosen for a memory budget, tuned to held-out text queries) -> search + HTML
+    sample web (openmoji) + held-out set (Noto Color Emoji) -> served on 127.0.0.1 -> crawl (img2dataset on
+    in-process Ray) -> filter (preset demo: rules, language ID, exact + near-duplicate dedup, metadata balancing)
+    -> ledger summary -> shard -> train (DeepSpeed ZeRO-2, 2 gloo ranks, gradient checkpointing; evaluated on the
+    held-out style) -> embed (images + captions) -> FAISS index (chosen for a memory budget, tuned to held-out text
+    queries) -> search + HTML
 
 Each stage is called through its public `main(argv)`, exactly as its CLI would be, and reads only what the previous
 stage wrote on disk. Outputs go under WORKDIR (default ./demo):
@@ -60,7 +61,8 @@ class DemoConfig:
     def tiny(cls, workdir: str = "demo") -> "DemoConfig":
         """The small end-to-end run used by the test suite (about a minute)."""
         return cls(workdir=workdir, max_emoji=120, variants=2, crawl_samples_per_shard=100,
-                   shard_samples_per_shard=64, epochs=0, steps=6, batch_size=16, warmup=2, log_every=2, shuffle_buffer=64, heldout_max=60)
+                   shard_samples_per_shard=64, epochs=0, steps=6, batch_size=16, warmup=2, log_every=2,
+                   shuffle_buffer=64, heldout_max=60)
 
 
 def _stage(name: str, fn, timings: dict):

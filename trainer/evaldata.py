@@ -9,8 +9,8 @@ Eval data contract
       `"label"` key in the `.json` member (a class name, or an integer index), plus a classes file
       `{"classnames": [...], "templates": ["a photo of a {}.", ...], "synonyms": {"classname": ["another name"]}}`
       (templates and synonyms optional; a bare JSON list is taken as the classnames). A class's zero-shot
-      embedding is the mean over its names (the classname, then its synonyms) x the templates. Without a classes file, name labels define the classes (sorted); integer labels
-      then have no names (fine for the linear probe, an error for zero-shot). A sample without a label is
+      embedding is the mean over its names (the classname, then its synonyms) x the templates. Without a
+      classes file, name labels define the classes (sorted); integer labels then have no names (fine for the linear probe, an error for zero-shot). A sample without a label is
       skipped and counted; a name not in the classnames, or an index out of range, is an error.
     * an ImageFolder-style dir: one sub-directory per class holding its images (searched recursively); the class
       name is the folder name with '_' -> ' '. With a classes file, every folder must name one of its classnames

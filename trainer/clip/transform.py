@@ -3,7 +3,8 @@
 eval:  RGB -> bicubic resize of the short side to S -> center crop S x S -> [0,1] tensor -> CLIP mean/std.
 train: RGB -> random resized crop (TrainAugment: area 90-100%, aspect 3/4-4/3 by default) to S x S, bicubic
        -> colour jitter (brightness, contrast, saturation, each by a factor in [1 - c, 1 + c], in random order)
-       -> grayscale with probability g -> Gaussian blur with probability b (all off by default) -> tensor -> mean/std. The eval path matches OpenAI's / open_clip's preprocessing tensor for tensor.
+       -> grayscale with probability g -> Gaussian blur with probability b (all off by default) -> tensor
+       -> mean/std. The eval path matches OpenAI's / open_clip's preprocessing tensor for tensor.
 """
 from __future__ import annotations
 
