@@ -363,12 +363,13 @@ def run(cfg: QualityConfig, out: str | None = None, plot_path: str | None = None
     oc = (oc_json, cpu.write_open_clip_config(cfg.model, oc_json))
     budget = cfg.minutes * 60
     timeout = max(600.0, 4 * budget + 300)
+    # step counts are whole multiples of --points: evaluations at k * steps / points, the last one at the end
     if cfg.steps:
-        rates, steps = {}, {s: cfg.steps for s in cfg.sides}
+        rates, steps = {}, {s: max(cfg.points, cfg.steps // cfg.points * cfg.points) for s in cfg.sides}
         log(f"fixed: {cfg.steps} steps per side (no probe, --minutes unused)")
     else:
         rates = {s: probe(s, cfg, data, oc, work, timeout) for s in cfg.sides}
-        steps = {s: max(2 * cfg.points, int(rates[s] * budget)) for s in cfg.sides}
+        steps = {s: max(2 * cfg.points, int(rates[s] * budget) // cfg.points * cfg.points) for s in cfg.sides}
         log("probe: " + ", ".join(f"{s} {rates[s]:.2f} steps/s -> {steps[s]} steps" for s in cfg.sides))
     runs = []
     for seed in range(cfg.seeds):
