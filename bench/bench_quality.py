@@ -31,9 +31,7 @@ open_clip's. Training curves (loss and held-out R@10 over train minutes, every s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import shlex
 import shutil
 import statistics
@@ -162,24 +160,11 @@ def _train(side: str, cfg: QualityConfig, data: dict, oc: tuple[Path, str], run_
         times = run_dir / "step_times.jsonl"
         argv = open_clip_argv(cfg, data, run_dir / "logs", oc[1], steps, seed, cfg.points if evals else 1)
         cmd = cpu.open_clip_cmd(runner, oc[0], argv)
-        with _env_var(cpu.TIMES_ENV, str(times)):
+        with cpu.env_var(cpu.TIMES_ENV, str(times)):
             rc, _ = cpu._run(cmd, runner, log)
     if rc != 0:
         raise RuntimeError(f"{side} exited {rc}: {cpu._tail(log, 1500)}")
     return clipforge_steps(run_dir / "run") if side == "clipforge" else open_clip_steps(times)
-
-
-@contextlib.contextmanager
-def _env_var(key: str, value: str):
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 def _jsonl(path: Path) -> list[dict]:

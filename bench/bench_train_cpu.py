@@ -62,6 +62,7 @@ and clipforge's data pipeline is faster (2,700 vs 1,700 samples/s decode + augme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -207,6 +208,20 @@ def _run(cmd: list[str], cfg: BenchConfig, log_path: Path, root: Path = ROOT) ->
     return rc, time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def env_var(key: str, value: str):
+    """os.environ[key] = value for the block, then as it was."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def _tail(path: Path, n: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]
@@ -318,15 +333,8 @@ def run_side(side: str, cfg: BenchConfig, shards: Path, work: Path, tag: str, oc
     else:
         times_path = run_dir / "step_times.jsonl"
         cmd = open_clip_cmd(cfg, oc_config, open_clip_argv(cfg, shards, run_dir / "logs", oc_name))
-        old = os.environ.get(TIMES_ENV)
-        os.environ[TIMES_ENV] = str(times_path)
-        try:
+        with env_var(TIMES_ENV, str(times_path)):
             rc, wall = _run(cmd, cfg, log)
-        finally:
-            if old is None:
-                os.environ.pop(TIMES_ENV, None)
-            else:
-                os.environ[TIMES_ENV] = old
         get_times = lambda: open_clip_times(times_path)  # noqa: E731
     row.update(cmd=" ".join(cmd), rc=rc, process_wall_s=wall, log=str(log))
     if rc != 0:
