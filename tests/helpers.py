@@ -26,6 +26,15 @@ def loss_and_grads(model, images, tokens):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def process_alive(pid: int) -> bool:
+    """pid exists and is not a zombie (a killed process whose reaper has not collected it yet counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 def write_shards(root, n_shards=2, per_shard=32, size=64, corrupt_keys=(), manifest=True):
     """Shards in the clipforge.shards.v1 format: {key}.jpg / .txt / .json per sample + manifest.json."""
     rng = np.random.default_rng(0)

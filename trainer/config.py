@@ -24,6 +24,7 @@ from trainer.loss import LOSSES
 from trainer.parallel import POLICIES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SAVE_ERRORS = ("continue", "stop")
 
 
 @dataclass
@@ -90,6 +91,8 @@ class OptimConfig:
     eps: float = opt(1e-6, help="AdamW epsilon")
     warmup: int = opt(2000, help="linear warmup steps")
     grad_clip: float = opt(1.0, help="clip the global gradient norm to this")
+    max_nonfinite_steps: int = opt(20, help="stop the run (exit 3) after N consecutive optimizer steps skipped "
+                                            "because the loss or a gradient was not finite (0: never stop)")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -99,6 +102,7 @@ class OptimConfig:
         if self.steps == 0:
             require(self, "epochs", self.epochs >= 1, "must be >= 1 (or give --steps >= 1)")
         require(self, "warmup", self.warmup >= 0, "must be >= 0")
+        require(self, "max_nonfinite_steps", self.max_nonfinite_steps >= 0, "must be >= 0")
 
 
 @dataclass
@@ -170,10 +174,14 @@ class SaveConfig:
     resume: str = opt("", flag="--resume", help="'latest' (the newest checkpoint in OUT/checkpoints, a fresh start "
                                                 "if none) or a checkpoint dir: weights, optimizer, schedule, data "
                                                 "position and RNG states")
+    on_error: str = opt("continue", flag="--save-errors", choices=SAVE_ERRORS,
+                        help="a save that fails (no space, an I/O error): 'continue' training and retry at the next "
+                             "save, or 'stop' the run cleanly (exit 4); either way `latest` keeps the last good one")
 
     def __post_init__(self):
         for name in ("every", "every_minutes", "keep_last"):
             require(self, name, getattr(self, name) >= 0, "must be >= 0")
+        require(self, "on_error", self.on_error in SAVE_ERRORS, f"must be one of {', '.join(SAVE_ERRORS)}")
 
     @property
     def enabled(self) -> bool:

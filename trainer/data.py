@@ -39,6 +39,7 @@ from PIL import Image
 from trainer.clip.formats.shards import IMAGE_EXTS, MANIFEST, ShardFormatError, count_tar_samples, image_ext, list_shards
 from trainer.clip.tokenizer import tokenize
 from trainer.clip.transform import TrainAugment, image_transform
+from trainer.lifeline import worker_init
 
 log = logging.getLogger("clipforge.trainer.data")
 
@@ -292,7 +293,8 @@ class TrainBatches:
             # pin_memory (GPU runs): the loader's pin thread puts batches in page-locked memory, so the trainer's
             # .to(device, non_blocking=True) is an asynchronous DMA (what open_clip's loader does)
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True,
-                                                 generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory)
+                                                 generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory,
+                                                 worker_init_fn=worker_init)  # workers die with their rank
             self._it = iter(loader)
 
     def __iter__(self):

@@ -253,7 +253,35 @@ def _init_engine(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_step
         # would start rounded (bf16 keeps 8 mantissa bits: logit_scale = log(1/0.07) = 2.6593 becomes 2.6562).
         # Start them from the exact fp32 initialisation, as open_clip's AMP training does.
         set_full_fp32_params(engine, fp32_init)
+    guard_nonfinite(engine.optimizer)
     return engine, scheduler
+
+
+def guard_nonfinite(optimizer) -> bool:
+    """Skip optimizer steps whose gradients are not finite on the one path where DeepSpeed does not: ZeRO 0 in
+    fp32 hands the plain torch AdamW a NaN / inf gradient, and one such step ruins every weight. DeepSpeed's ZeRO
+    1-3, bf16 and fp16 optimizers check the gradient norm themselves and set `optimizer.overflow`, which the
+    engine reads after step(): the step is then skipped (engine.skipped_steps += 1, the LR schedule holds,
+    engine.was_step_applied() is False). The plain optimizer gets the same contract from a step pre-hook: if any
+    gradient is not finite it drops the gradients (AdamW then leaves every parameter and its moments alone) and
+    sets `overflow`. Under data parallelism every rank holds the same all-reduced gradients, so every rank decides
+    the same. -> whether a guard was installed."""
+    if hasattr(optimizer, "overflow"):
+        return False
+
+    def skip_if_nonfinite(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        bad = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
+        opt.overflow = bad
+        if bad:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+        return None
+
+    optimizer.overflow = False
+    optimizer.register_step_pre_hook(skip_if_nonfinite)
+    return True
 
 
 def _stage0_masters(engine) -> dict[int, torch.Tensor]:

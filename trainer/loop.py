@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from trainer import engine as ds
 from trainer import resume
+from trainer.runlock import RunLock, RunLocked, held_above
 from trainer.clip.checkpoint import export_open_clip, save_model
 from trainer.clip.flags import flat
 from trainer.clip.formats.atomic import atomic_write_json
@@ -35,6 +37,18 @@ from trainer.monitor import flops_per_sample, make_monitor
 from trainer.step import train_step
 
 
+EXIT_DIVERGED = 3  # too many consecutive non-finite steps
+EXIT_SAVE_FAILED = 4  # a checkpoint save failed under --save-errors stop
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself for a reason it printed (every rank raises it at the same step); `code`: exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def eval_data_for(cfg: TrainConfig):
     """The held-out eval sets named by the config (None if none): scanned once, identically on every rank."""
     e = cfg.eval
@@ -45,10 +59,13 @@ def eval_data_for(cfg: TrainConfig):
 
 def train(cfg: TrainConfig) -> dict:
     """Train in this process (one rank of the launched world). -> the run summary (rank 0 also writes it)."""
+    run = None
     try:
         run = Run.start(cfg)
         return run.finish(run.loop())
     finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
         ds.undo_process_patches()  # ZeRO-3's process-wide torch.nn.functional.linear replacement
 
 
@@ -94,14 +111,18 @@ class Run:
         self.on_gpu = torch.cuda.is_available()
         self.model_config = ds.model_config(cfg)
         self.start_step, self.skipped_local, self.eval_metrics, self.last_loss = 0, 0, {}, float("nan")
+        self.health = Health(cfg.optim.max_nonfinite_steps)
+        self.lock: RunLock | None = None
 
     @classmethod
     def start(cls, cfg: TrainConfig) -> "Run":
         rank, local_rank, world = ds.init_distributed(cfg)
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
+        lock = lock_run_dir(cfg.out, rank)
         cfg, zero_requested, zero_why = resolve(cfg, world)
         run = cls(cfg, plan(cfg, world), rank, local_rank)
+        run.lock = lock
         run.engine, run.scheduler, run.ds_config = ds.build_engine(cfg, world, run.plan.total_steps)
         torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank randomness of the step (patch dropout)
         random.seed(cfg.seed * 1000 + rank)
@@ -114,11 +135,20 @@ class Run:
 
     def restore(self) -> tuple[Path | None, dict]:
         """--resume: weights, optimizer, schedule (DeepSpeed) and this rank's data position + RNG (collective)."""
-        found = resume.find(self.ckpt_root, self.cfg.save.resume) if self.cfg.save.resume else None
+        found, stats, skipped = (resume.select(self.ckpt_root, self.cfg.save.resume, self.rank, self.world)
+                                 if self.cfg.save.resume else (None, {}, []))
+        if self.rank == 0:
+            for line in skipped:
+                print(f"[trainer] warning: skipping damaged checkpoint {line}", file=sys.stderr, flush=True)
+            if found is not None:
+                print(f"[trainer] checkpoint {found.name}: " + ("no manifest (written before manifests): not "
+                      "verified" if stats.get("legacy") else f"{stats['files']} files, {stats['bytes'] / 1e6:.1f} "
+                      f"MB verified in {stats['seconds']:.2f} s"), flush=True)
         rank_state: dict = {}
         if found is not None:
             self.start_step, rank_state = resume.load(self.engine, found, self.rank)
             self.skipped_local = int(rank_state.get("skipped", 0))
+            self.health.skipped = int(rank_state.get("nonfinite_steps", 0))
         return found, rank_state
 
     def write_run_files(self, zero_requested: int) -> None:
@@ -179,14 +209,20 @@ class Run:
         with on_signals(lambda signum, frame: stop_signal.append(signum)):
             for step in range(self.start_step, total):
                 lr = self.scheduler.get_last_lr()[0]
-                loss, logit_scale = train_step(self.engine, self.micro_batches())
-                loss_sum += loss.double()
-                since_log += 1
+                loss, logit_scale = train_step(self.engine, poison(step + 1, self.micro_batches()))
+                applied = self.health.record(step + 1, self.engine.was_step_applied(), self.rank)
+                finite = applied or bool(torch.isfinite(loss))  # an fp16 overflow step's loss is finite
+                if finite:  # the logged mean leaves out non-finite losses
+                    loss_sum += loss.double()
+                    since_log += 1
                 want_save, preempted = cfg.save.every > 0 and (step + 1) % cfg.save.every == 0, False
                 if (step + 1) % cfg.log_every == 0 or step + 1 == total:  # the same condition on every rank
-                    save_due, preempted = self.log(step + 1, loss_sum / since_log, lr, logit_scale, bool(stop_signal))
+                    mean = loss_sum / since_log if since_log else loss_sum + float("nan")
+                    save_due, preempted = self.log(step + 1, mean, lr, logit_scale, bool(stop_signal))
                     want_save, since_log = want_save or save_due, 0
                     loss_sum.zero_()
+                self.health.check_streak(step + 1, self.ckpt_root)
+                want_save = want_save and (finite or step + 1 == total)  # none right after a NaN forward
                 if self.eval_data is not None and ((cfg.eval.every and (step + 1) % cfg.eval.every == 0)
                                                    or step + 1 == total):
                     self.evaluate(step + 1)
@@ -212,7 +248,7 @@ class Run:
         dist.all_reduce(stats)
         self.last_loss = stats[0].item() / self.world
         self.monitor.log(step, self.last_loss, lr=lr, logit_scale=logit_scale, skipped_samples=int(stats[1].item()),
-                         epoch=step / self.plan.steps_per_epoch,
+                         epoch=step / self.plan.steps_per_epoch, nonfinite_steps=self.health.skipped,
                          **(ds.step_stats(self.engine, self.cfg.precision.precision) if self.rank == 0 else {}))
         return stats[2].item() > 0, stats[3].item() > 0
 
@@ -229,11 +265,10 @@ class Run:
     def save(self, step: int) -> None:
         """A training checkpoint (collective): DeepSpeed's state + every rank's data position and RNG states."""
         state = {"step": step, "data": self.batches.state_dict(), "rng": resume.rng_state(),
-                 "skipped": self.skipped_local}
-        path = resume.save(self.engine, self.ckpt_root, step, self.rank, state, self.cfg.save.keep_last)
+                 "skipped": self.skipped_local, "nonfinite_steps": self.health.skipped}
+        result = resume.save(self.engine, self.ckpt_root, step, self.rank, state, self.cfg.save.keep_last)
         self.t_saved = time.time()
-        if self.rank == 0:
-            print(f"[trainer] checkpoint {path}", flush=True)
+        self.health.saved(step, result, self.cfg.save.on_error, self.rank, self.ckpt_root)
 
     # -------------------------------------------------------------------------------------------- the end
     def finish(self, preempted_at: int | None) -> dict:
@@ -285,3 +320,78 @@ def fault_injection(step: int, rank: int, world: int) -> None:
                                                                                            world - 1)):
         print(f"[trainer] fault injection: killing rank {rank} after step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Health:
+    """What went wrong, the same on every rank: optimizer steps skipped because the loss or a gradient was not
+    finite (DeepSpeed's overflow checks, engine.guard_nonfinite at ZeRO 0 fp32), and failed saves."""
+    limit: int  # consecutive skipped steps that stop the run (0: never)
+    skipped: int = 0  # skipped steps so far (continued across --resume)
+    streak: int = 0
+    first_bad: int = 0
+    save_failures: int = 0  # consecutive
+
+    def record(self, step: int, applied: bool, rank: int) -> bool:
+        if applied:
+            self.streak = 0
+            return True
+        self.skipped, self.streak = self.skipped + 1, self.streak + 1
+        self.first_bad = step if self.streak == 1 else self.first_bad
+        if rank == 0:
+            print(f"[trainer] step {step}: the loss or a gradient is not finite; step skipped, the weights are "
+                  f"unchanged ({self.streak} in a row, {self.skipped} in all)", file=sys.stderr, flush=True)
+        return False
+
+    def check_streak(self, step: int, ckpt_root: Path) -> None:
+        if self.limit and self.streak >= self.limit:
+            last = resume.find(ckpt_root, resume.LATEST)
+            raise TrainingStopped(
+                f"{self.streak} consecutive steps ({self.first_bad}-{step}) had a non-finite loss or gradient "
+                f"(--max-nonfinite-steps {self.limit}): the run stops. Skipped steps change no weight, and the last "
+                f"good checkpoint is kept: {last or 'none saved yet'}. Resume with --resume latest (a lower --lr, "
+                f"or check the data around these steps)", EXIT_DIVERGED)
+
+    def saved(self, step: int, result, on_error: str, rank: int, ckpt_root: Path) -> None:
+        if result.path is not None:
+            self.save_failures = 0
+            if rank == 0:
+                print(f"[trainer] checkpoint {result.path} ({result.bytes / 1e6:.1f} MB in {result.seconds:.2f} s, "
+                      f"checksums {result.checksum_seconds:.2f} s)", flush=True)
+            return
+        self.save_failures += 1
+        last = resume.find(ckpt_root, resume.LATEST)
+        msg = (f"checkpoint save at step {step} failed ({self.save_failures} in a row): "
+               + "; ".join(result.errors[:3]) + f". `latest` still names the last good one: {last or 'none'}")
+        if on_error == "stop":
+            raise TrainingStopped(msg + " (--save-errors stop: the run stops)", EXIT_SAVE_FAILED)
+        if rank == 0:
+            print(f"[trainer] warning: {msg}; training goes on and the next save tries again "
+                  f"(--save-errors stop to stop instead)", file=sys.stderr, flush=True)
+
+
+def lock_run_dir(out: str, rank: int) -> RunLock | None:
+    """Collective: rank 0 locks the run dir unless its launcher holds the lock already (trainer.runlock); every rank
+    raises RunLocked if rank 0 could not."""
+    lock, refused = None, ""
+    if rank == 0 and not held_above(out):
+        try:
+            lock = RunLock(out).acquire()
+        except RunLocked as e:
+            refused = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [refused]
+        dist.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused:
+        raise RunLocked(refused)
+    return lock
+
+
+def poison(step: int, micro_batches: list) -> list:
+    """Test hook: CLIPFORGE_NAN_STEPS="4,5" fills the images of those steps with NaN on every rank, so the loss and
+    the gradients are not finite (what a diverging run or a poisoned batch does)."""
+    steps = os.environ.get("CLIPFORGE_NAN_STEPS", "")
+    if steps and str(step) in steps.split(","):
+        return [(torch.full_like(images, float("nan")), tokens) for images, tokens in micro_batches]
+    return micro_batches

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.clip.flags import CLI, opt, require, with_flags
+from trainer.lifeline import NO_LIFELINE_ENV
 
 PREFIX = "[ray_launch]"
 # Driver environment passed on to the workers (a Ray worker does not inherit the shell of `ray job submit`).
@@ -129,6 +130,9 @@ def train_worker(config: dict) -> None:
     os.environ.update(RANK=str(ctx.get_world_rank()), LOCAL_RANK=str(ctx.get_local_rank()),
                       WORLD_SIZE=str(ctx.get_world_size()), LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()),
                       NODE_RANK=str(ctx.get_node_rank()))
+    # a Ray worker's parent is the raylet, and Ray kills the workers of a dead driver itself (fate sharing): no
+    # parent-death signal here (trainer.lifeline)
+    os.environ[NO_LIFELINE_ENV] = "1"
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"Ray Train did not set {missing} on rank {ctx.get_world_rank()}")
