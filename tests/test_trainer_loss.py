@@ -94,17 +94,31 @@ def _blocked_equals_dense(monkeypatch, n, m, block_rows, scalars, blocked, dense
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("n,m,offset,block_rows", [(7, 7, 0, 3), (3, 9, 3, 2), (4, 12, 8, 1), (5, 5, 0, 5)])
-def test_blocked_cross_entropy_equals_dense(monkeypatch, n, m, offset, block_rows):
+def test_blocked_cross_entropy_equals_dense(monkeypatch, n, m, offset, block_rows, smoothing):
     """The CLIP loss's row-blocked cross-entropy (no [n, M] logits held) = F.cross_entropy on the dense logits:
-    value and gradients w.r.t. rows, columns and the scale, for uneven blocks and a local-loss offset."""
+    value and gradients w.r.t. rows, columns and the scale, for uneven blocks and a local-loss offset, with and
+    without label smoothing (torch's label_smoothing)."""
     from trainer.loss import BlockedCrossEntropy
 
     _blocked_equals_dense(
         monkeypatch, n, m, block_rows, [14.0],
-        blocked=lambda x, y, s: BlockedCrossEntropy.apply(x, y, s, offset),
-        dense=lambda x, y, s: torch.nn.functional.cross_entropy(s * x @ y.T, torch.arange(n) + offset),
+        blocked=lambda x, y, s: BlockedCrossEntropy.apply(x, y, s, offset, smoothing),
+        dense=lambda x, y, s: torch.nn.functional.cross_entropy(s * x @ y.T, torch.arange(n) + offset,
+                                                                label_smoothing=smoothing),
         upstream=2.5)
+
+
+def test_label_smoothing_is_clip_only():
+    from trainer.config import TrainConfig
+    from trainer.loss import ClipLoss, make_loss
+
+    assert isinstance(make_loss("clip", 0.1), ClipLoss) and make_loss("clip", 0.1).label_smoothing == 0.1
+    with pytest.raises(ValueError, match="label-smoothing"):
+        make_loss("siglip", 0.1)
+    with pytest.raises(ValueError, match="--label-smoothing needs --loss clip"):
+        TrainConfig.tiny(loss="siglip", label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("n,m,offset,block_rows", [(7, 7, 0, 3), (3, 9, 3, 2), (5, 5, 0, 5)])

@@ -1,7 +1,7 @@
 """The training config: one small typed dataclass per concern, each validating itself, composed into TrainConfig.
 
     TrainConfig  out, nproc, zero, seed, log_every, ds_shm_comm, and the sections
-      .model          ModelConfig            --model --loss --patch-dropout --compile
+      .model          ModelConfig            --model --loss --label-smoothing --patch-dropout --compile
       .data           DataConfig             --shards --shard-weights --resampled --workers --shuffle-buffer --aug-*
       .optim          OptimConfig            --steps | --epochs, --batch-size --grad-accum --lr --weight-decay ...
       .precision      PrecisionConfig        --precision --loss-scale-power
@@ -32,6 +32,7 @@ class ModelConfig:
     """What is trained."""
     name: str = opt("ViT-B-32", flag="--model", help="model preset (trainer.clip.configs.PRESETS) or a JSON config")
     loss: str = opt("clip", choices=LOSSES, help="clip (softmax, learnable temperature) or siglip (sigmoid, + bias)")
+    label_smoothing: float = opt(0.0, help="CLIP loss: label smoothing of the softmax targets (0: off)")
     patch_dropout: float = opt(0.0, help="FLIP patch dropout: fraction of ViT patch tokens dropped in training "
                                          "(0.5 ~ 2x faster)")
     compile: bool = opt(False, help="torch.compile every transformer block (fused element-wise kernels; the first "
@@ -40,6 +41,8 @@ class ModelConfig:
     def __post_init__(self):
         require(self, "loss", self.loss in LOSSES, f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         require(self, "patch_dropout", 0.0 <= self.patch_dropout < 1.0, "must be in [0, 1)")
+        require(self, "label_smoothing", 0.0 <= self.label_smoothing < 1.0, "must be in [0, 1)")
+        require(self, "label_smoothing", self.label_smoothing == 0 or self.loss == "clip", "needs --loss clip")
 
 
 @dataclass

@@ -93,14 +93,18 @@ class BlockedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, offset: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, offset: int,
+                smoothing: float = 0.0) -> torch.Tensor:
         n, M = x.shape[0], y.shape[0]
         block = _rows_per_block(n, M)
         lse = torch.cat([torch.logsumexp(s * (x[i:i + block] @ y.T), dim=1) for i in range(0, n, block)])  # [n]
         positives = s * (x * y[offset:offset + n]).sum(dim=1)  # [n]
+        target = (1 - smoothing) * positives  # label smoothing: the target puts `smoothing` evenly on all M
+        if smoothing:
+            target = target + smoothing * s * (x @ y.mean(dim=0))  # mean_j logits_kj, without the [n, M] matrix
         ctx.save_for_backward(x, y, s, lse)
-        ctx.offset, ctx.block = offset, block
-        return (lse - positives).mean()
+        ctx.offset, ctx.block, ctx.smoothing = offset, block, smoothing
+        return (lse - target).mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -112,19 +116,22 @@ class BlockedCrossEntropy(torch.autograd.Function):
             dots = xb @ y.T  # [c, M]
             g = torch.exp(s * dots - lse[i:i + block, None])  # softmax rows
             rows = torch.arange(xb.shape[0], device=x.device)
-            g[rows, ctx.offset + i + rows] -= 1.0  # d(lse - positive) / d(logits)
+            g[rows, ctx.offset + i + rows] -= 1.0 - ctx.smoothing  # d(lse - target) / d(logits)
+            if ctx.smoothing:
+                g -= ctx.smoothing / y.shape[0]
             g *= grad / n
             ds += (g * dots).sum()
             dx[i:i + block] = s * (g @ y)
             dy += s * (g.T @ xb)
-        return dx, dy, ds, None
+        return dx, dy, ds, None, None
 
 
-def _clip_logits_loss(img, txt, all_img, all_txt, logit_scale, offset):
+def _clip_logits_loss(img, txt, all_img, all_txt, logit_scale, offset, smoothing: float = 0.0):
     """Rows: this rank's n pairs; columns: all M pairs; positives of row k at column offset + k. Image->text and
-    text->image cross-entropy, each in row blocks (BlockedCrossEntropy)."""
-    return (BlockedCrossEntropy.apply(img, all_txt, logit_scale, offset)
-            + BlockedCrossEntropy.apply(txt, all_img, logit_scale, offset)) / 2
+    text->image cross-entropy, each in row blocks (BlockedCrossEntropy), with optional label smoothing (= torch's
+    F.cross_entropy(label_smoothing=...))."""
+    return (BlockedCrossEntropy.apply(img, all_txt, logit_scale, offset, smoothing)
+            + BlockedCrossEntropy.apply(txt, all_img, logit_scale, offset, smoothing)) / 2
 
 
 class BlockedSigmoidLoss(torch.autograd.Function):
@@ -178,8 +185,10 @@ def _siglip_logits_loss(img, all_txt, logit_scale, logit_bias, offset):
     return BlockedSigmoidLoss.apply(img, all_txt, logit_scale, logit_bias, offset)
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric cross-entropy. Inputs: L2-normalised [b, E] features of this rank, scalar logit scale.
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              smoothing: float = 0.0) -> torch.Tensor:
+    """Symmetric cross-entropy (label smoothing `smoothing`). Inputs: L2-normalised [b, E] features of this rank,
+    scalar logit scale.
 
     Returns this rank's loss (the mean over its b rows); averaging it over ranks gives the full-batch loss.
     """
@@ -188,7 +197,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     all_image = gather_with_grad(image_features)  # [W*b, E]
     all_text = gather_with_grad(text_features)  # [W*b, E]
     b = image_features.shape[0]
-    return _clip_logits_loss(image_features, text_features, all_image, all_text, logit_scale.float(), rank * b)
+    return _clip_logits_loss(image_features, text_features, all_image, all_text, logit_scale.float(), rank * b,
+                             smoothing)
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -272,12 +282,17 @@ class ContrastiveLoss(nn.Module):
 class ClipLoss(ContrastiveLoss):
     name = "clip"
 
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = float(label_smoothing)
+
     def forward(self, image_features, text_features, logit_scale, cache: FeatureCache | None = None):
         if cache is None:
-            return clip_loss(image_features, text_features, logit_scale)
+            return clip_loss(image_features, text_features, logit_scale, self.label_smoothing)
         img, all_img, offset = cache.splice(image_features.float(), cache.image, need_global=True)
         txt, all_txt, _ = cache.splice(text_features.float(), cache.text, need_global=True)
-        return _clip_logits_loss(img, txt, all_img, all_txt, cache.shared(logit_scale.float()), offset)
+        return _clip_logits_loss(img, txt, all_img, all_txt, cache.shared(logit_scale.float()), offset,
+                                 self.label_smoothing)
 
 
 class SigLipLoss(ContrastiveLoss):
@@ -303,9 +318,11 @@ class SigLipLoss(ContrastiveLoss):
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
 
 
-def make_loss(name: str) -> ContrastiveLoss:
+def make_loss(name: str, label_smoothing: float = 0.0) -> ContrastiveLoss:
+    if label_smoothing and name != "clip":
+        raise ValueError("--label-smoothing applies to --loss clip (softmax targets), not to " + name)
     if name == "clip":
-        return ClipLoss()
+        return ClipLoss(label_smoothing)
     if name == "siglip":
         return SigLipLoss()
     raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {name!r}")

@@ -321,7 +321,7 @@ def select(root: str | Path, spec: str, rank: int = 0, world: int = 1) -> tuple[
                                     f"--resume latest to fall back automatically")
         return path, stats, []
     skipped = []
-    for path in candidates(root):
+    for path in map(Path, _from_rank0([str(p) for p in candidates(root)])):  # one list: rank 0's view of root
         problems, stats = verify_everywhere(path, rank, world)
         if not problems:
             return path, stats, skipped

@@ -34,12 +34,12 @@ class TrainModule(nn.Module):
         return loss, image_features, text_features, logit_scale
 
 
-def make_train_module(model: CLIP, loss: str) -> TrainModule:
+def make_train_module(model: CLIP, loss: str, label_smoothing: float = 0.0) -> TrainModule:
     """Wrap a CLIP with the named loss. SigLIP starts from its paper's temperature: logit_scale = log 10."""
     if loss == "siglip":
         with torch.no_grad():
             model.logit_scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
-    return TrainModule(model, make_loss(loss))
+    return TrainModule(model, make_loss(loss, label_smoothing))
 
 
 def train_step(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
