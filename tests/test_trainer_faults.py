@@ -165,12 +165,19 @@ def _flip_bit(path: Path) -> None:
         f.write(bytes([byte ^ 0x10]))
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip_bit], ids=["truncated", "bit-flipped"])
-def test_damaged_newest_checkpoint_falls_back(tmp_path, capfd, damage):
-    shards = write_shards(tmp_path / "shards", n_shards=3, per_shard=12, size=32)
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """One uninterrupted 8-step run with checkpoints at steps 3, 6 and 8 (shared by the damage cases)."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    shards = write_shards(root / "shards", n_shards=3, per_shard=12, size=32)
     args = _args(shards, "--steps", "8", "--save-every", "3", "--keep-last", "5", "--zero", "2")
-    ref = tmp_path / "ref"
-    assert main([*args, "--out", str(ref)]) == 0
+    assert main([*args, "--out", str(root / "ref")]) == 0
+    return args, root / "ref"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_bit], ids=["truncated", "bit-flipped"])
+def test_damaged_newest_checkpoint_falls_back(tmp_path, capfd, damage, checkpointed_run):
+    args, ref = checkpointed_run
     assert [p.name for p in resume.complete(ref / "checkpoints")] == [resume.step_name(s) for s in (3, 6, 8)]
     manifest = checksum.read_manifest(ref / "checkpoints" / resume.step_name(6))
     assert manifest["checksum_seconds"] <= manifest["save_seconds"]
