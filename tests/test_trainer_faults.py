@@ -206,10 +206,11 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, capfd, damage, checkpoin
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
 
 
-@pytest.mark.parametrize("zero,precision", [(0, "fp32"), (2, "bf16")])
-def test_nonfinite_step_is_skipped_and_counted(tmp_path, capfd, monkeypatch, zero, precision):
+@pytest.mark.parametrize("zero,precision,clip", [(0, "fp32", "1.0"), (0, "fp32", "0"), (2, "bf16", "1.0")])
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, capfd, monkeypatch, zero, precision, clip):
+    """ZeRO 0 fp32 (clipforge's guard, with the clipping's norm or its own) and ZeRO 2 bf16 (DeepSpeed's check)."""
     shards = write_shards(tmp_path / "shards", n_shards=2, per_shard=16, size=32)
-    args = _args(shards, "--steps", "6", "--zero", str(zero), "--precision", precision)
+    args = _args(shards, "--steps", "6", "--zero", str(zero), "--precision", precision, "--grad-clip", clip)
     monkeypatch.setenv("CLIPFORGE_NAN_STEPS", "3")
     assert main([*args, "--out", str(tmp_path / "run")]) == 0
     assert "step 3: the loss or a gradient is not finite; step skipped" in capfd.readouterr().err

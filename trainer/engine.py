@@ -253,25 +253,33 @@ def _init_engine(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_step
         # would start rounded (bf16 keeps 8 mantissa bits: logit_scale = log(1/0.07) = 2.6593 becomes 2.6562).
         # Start them from the exact fp32 initialisation, as open_clip's AMP training does.
         set_full_fp32_params(engine, fp32_init)
-    guard_nonfinite(engine.optimizer)
+    guard_nonfinite(engine)
     return engine, scheduler
 
 
-def guard_nonfinite(optimizer) -> bool:
+def guard_nonfinite(engine) -> bool:
     """Skip optimizer steps whose gradients are not finite on the one path where DeepSpeed does not: ZeRO 0 in
     fp32 hands the plain torch AdamW a NaN / inf gradient, and one such step ruins every weight. DeepSpeed's ZeRO
     1-3, bf16 and fp16 optimizers check the gradient norm themselves and set `optimizer.overflow`, which the
     engine reads after step(): the step is then skipped (engine.skipped_steps += 1, the LR schedule holds,
-    engine.was_step_applied() is False). The plain optimizer gets the same contract from a step pre-hook: if any
-    gradient is not finite it drops the gradients (AdamW then leaves every parameter and its moments alone) and
-    sets `overflow`. Under data parallelism every rank holds the same all-reduced gradients, so every rank decides
-    the same. -> whether a guard was installed."""
+    engine.was_step_applied() is False). The plain optimizer gets the same contract from a step pre-hook: if the
+    global gradient norm is not finite it drops the gradients (AdamW then leaves every parameter and its moments
+    alone) and sets `overflow`. With clipping, the norm is the one the clip has just computed (the patched
+    clip_fp32_gradients keeps it in engine._global_grad_norm), so the check adds no pass over the gradients;
+    without clipping the hook computes it. Under data parallelism every rank holds the same all-reduced gradients and the
+    same norm, so every rank decides the same. -> whether a guard was installed."""
+    optimizer = engine.optimizer
     if hasattr(optimizer, "overflow"):
         return False
+    clipping = engine.gradient_clipping() > 0
 
     def skip_if_nonfinite(opt, args, kwargs):
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        bad = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, foreach=True)))
+        if clipping:  # set by the (patched, see _patch_deepspeed) clip_fp32_gradients just before this step
+            norm = torch.tensor(float(engine._global_grad_norm))
+        else:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+        bad = not bool(torch.isfinite(norm))
         opt.overflow = bad
         if bad:
             for g in opt.param_groups:
