@@ -266,8 +266,8 @@ def guard_nonfinite(engine) -> bool:
     global gradient norm is not finite it drops the gradients (AdamW then leaves every parameter and its moments
     alone) and sets `overflow`. With clipping, the norm is the one the clip has just computed (the patched
     clip_fp32_gradients keeps it in engine._global_grad_norm), so the check adds no pass over the gradients;
-    without clipping the hook computes it. Under data parallelism every rank holds the same all-reduced gradients and the
-    same norm, so every rank decides the same. -> whether a guard was installed."""
+    without clipping the hook computes it. Under data parallelism every rank holds the same all-reduced
+    gradients and the same norm, so every rank decides the same. -> whether a guard was installed."""
     optimizer = engine.optimizer
     if hasattr(optimizer, "overflow"):
         return False
