@@ -221,7 +221,8 @@ def build_engine(cfg: TrainConfig, world_size: int, total_steps: int, model: CLI
         apply_activation_checkpointing(model, offload=ck.offload, chunks=ck.chunks, policy=ck.policy, group=ck.group)
     if cfg.model.compile:  # after checkpointing: each block's graph includes its checkpoint
         compile_blocks(model)
-    engine, scheduler = _init_engine(make_train_module(model, cfg.model.loss, cfg.model.label_smoothing), cfg, ds_config, total_steps)
+    module = make_train_module(model, cfg.model.loss, cfg.model.label_smoothing)
+    engine, scheduler = _init_engine(module, cfg, ds_config, total_steps)
     return engine, scheduler, ds_config
 
 

@@ -14,9 +14,9 @@ Layout (RUN_DIR/checkpoints/, which must be on storage every rank sees):
 Saving (collective): every rank writes its files under a temporary name and checksums each one it wrote (read
 back from the page cache, hashed on a thread pool, while it writes the next); rank 0 gathers the entries, writes
 meta.json and the manifest, renames the directory and only then moves `latest`. A run killed mid-save leaves at
-most a stale temporary directory (removed by the next save), never a half checkpoint that resume would pick. An OSError on any rank (no
-space, an I/O error) fails the save on every rank together: the temporary directory is removed, `latest` stays,
-and the caller decides to go on or stop (SaveResult.errors). `keep_last` complete checkpoints are kept.
+most a stale temporary directory (removed by the next save), never a half checkpoint that resume would pick. An
+OSError on any rank (no space, an I/O error) fails the save on every rank together: the temporary directory is
+removed, `latest` stays, and the caller decides to go on or stop (SaveResult.errors). `keep_last` complete checkpoints are kept.
 
 Resuming: `select` checks the candidate's files against its manifest (each rank checks a share, by size) and
 takes the newest checkpoint that verifies, from the one `latest` names down to older ones, reporting each it
