@@ -16,7 +16,8 @@ back from the page cache, hashed on a thread pool, while it writes the next); ra
 meta.json and the manifest, renames the directory and only then moves `latest`. A run killed mid-save leaves at
 most a stale temporary directory (removed by the next save), never a half checkpoint that resume would pick. An
 OSError on any rank (no space, an I/O error) fails the save on every rank together: the temporary directory is
-removed, `latest` stays, and the caller decides to go on or stop (SaveResult.errors). `keep_last` complete checkpoints are kept.
+removed, `latest` stays, and the caller decides to go on or stop (SaveResult.errors). `keep_last` complete
+checkpoints are kept.
 
 Resuming: `select` checks the candidate's files against its manifest (each rank checks a share, by size) and
 takes the newest checkpoint that verifies, from the one `latest` names down to older ones, reporting each it
