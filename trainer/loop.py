@@ -211,7 +211,7 @@ class Run:
                 lr = self.scheduler.get_last_lr()[0]
                 loss, logit_scale = train_step(self.engine, poison(step + 1, self.micro_batches()))
                 applied = self.health.record(step + 1, self.engine.was_step_applied(), self.rank)
-                finite = applied or bool(torch.isfinite(loss))  # an fp16 overflow step's loss is finite
+                finite = applied or self.finite_everywhere(loss)  # an fp16 overflow step's loss is finite
                 if finite:  # the logged mean leaves out non-finite losses
                     loss_sum += loss.double()
                     since_log += 1
@@ -237,6 +237,13 @@ class Run:
                 fault_injection(step + 1, self.rank, self.world)
         self.monitor.close()
         return None
+
+    def finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Collective, on skipped steps only (every rank knows a step was skipped: DeepSpeed's overflow flag is
+        all-reduced): whether every rank's loss was finite, so every rank takes the same save decision."""
+        flag = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def log(self, step: int, mean_loss: torch.Tensor, lr: float, logit_scale, signalled: bool) -> tuple[bool, bool]:
         """All-reduce the interval's loss, skip count and the save / stop flags; rank 0 logs. -> (save, stop).
