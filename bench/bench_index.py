@@ -7,8 +7,9 @@ Data (made here, seeded): a synthetic EMBED_DIR (trainer.clip.formats.embeddings
 vectors from a mixture of ~sqrt(N) clusters (heavy-tailed sizes, varied spread, low-rank local + isotropic noise, a
 common image cone), written part by part; each row's text vector is its image vector pushed along one shared shift
 (the modality gap) plus noise, renormalised, so text queries lie off the image distribution as CLIP's do. Queries:
-text vectors of QUERIES *held-out* images (same mixture, never in the collection), so disjoint from every row the
-builder tunes on (it samples the collection's own txt npy). Ground truth: an exact IndexFlatIP.
+text vectors of QUERIES *held-out* images (same mixture, never in the collection). clipforge tunes on its
+--query-file tune-queries.npy: the texts of TUNE_LOG other held-out images (a query log of the same distribution,
+disjoint from the measured queries; --tune-log 0: the collection's captions). Ground truth: an exact IndexFlatIP.
 
 Sides, one run, the same queries:  exact (IndexFlatIP, float32)  |  clipforge (`python -m indexing.build EMBED_DIR
 --out INDEX_DIR --memory-budget B --target-recall R --k K`, opened with open_index_set, its search_params applied,
@@ -32,7 +33,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from benchlib import timed  # noqa: E402
 
+from indexing.choose import parse_bytes  # noqa: E402
 from trainer.clip.checkpoint import save_model, weights_sha256  # noqa: E402
 from trainer.clip.configs import get_config  # noqa: E402
 from trainer.clip.flags import CLI, opt, require  # noqa: E402
@@ -67,20 +68,8 @@ AUTOFAISS_VENV = ROOT / "bench" / ".venv-autofaiss"
 AUTOFAISS_PINS = ["autofaiss==2.18.0", "numpy<2", "faiss-cpu<1.9", "pyarrow<21"]  # newer ones need numpy 2
 CONE, LOCAL, ISO, GROUPS = 1.0, 0.8, 0.5, 8  # image cone weight, local / isotropic noise, local subspaces
 TEXT_SHIFT, TEXT_NOISE = 1.5, 1.0  # the text vectors' shared shift and noise (cos(text, its image) ~ 0.5)
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30,
-         "t": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(|[bB]|[kKmMgGtT](?:i?[bB])?)\s*")
 TARGET_SPEEDUP = 20.0
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def parse_size(text: str) -> int:
-    """'1GB' -> 10**9, '512MB' -> 512 * 10**6, '8G' / '8GiB' -> 8 * 2**30, '12345' -> bytes: the units of
-    `indexing.build --memory-budget` (autofaiss is given the same budget as a plain byte count)."""
-    m = SIZE.fullmatch(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (e.g. 1GB, 512MB, 8GiB)")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
 
 
 @dataclass
@@ -95,6 +84,8 @@ class BenchConfig:
     part_rows: int = opt(100_000, help="rows per EMBED_DIR part")
     clusters: int = opt(0, help="mixture components (0: sqrt(n), clamped to 32..4000)")
     build_args: str = opt("", help="extra flags for indexing.build, e.g. '--flat-max 1000' (split on spaces)")
+    tune_log: int = opt(2000, help="texts of other held-out images given to clipforge as its --query-file (a query "
+                                   "log of the same distribution; 0: it tunes on the collection's captions)")
     autofaiss: bool = opt(True, help="run the autofaiss side (its own venv, made on first use)")
     autofaiss_memory: str = opt("8G", help="autofaiss's current_memory_available")
     http: bool = opt(True, help="run the HTTP side (indexing.serve on clipforge's index)")
@@ -113,7 +104,10 @@ class BenchConfig:
         require(self, "clusters", self.clusters >= 0, "must be >= 0")
         require(self, "target_recall", 0 < self.target_recall <= 1, "must be in (0, 1]")
         for name in ("budget", "autofaiss_memory"):
-            ok = SIZE.fullmatch(getattr(self, name)) is not None and parse_size(getattr(self, name)) > 0
+            try:
+                ok = parse_bytes(getattr(self, name)) > 0
+            except ValueError:
+                ok = False
             require(self, name, ok, "must be a size such as 1GB or 512MB")
 
     @property
@@ -222,10 +216,11 @@ def write_collection(cfg: BenchConfig, work: Path, mix: Mixture) -> Path:
     return root
 
 
-def held_out_queries(cfg: BenchConfig, mix: Mixture) -> np.ndarray:
-    """Text vectors of images drawn from the same mixture but not in the collection (a separate seed stream)."""
-    rng = np.random.default_rng([cfg.seed, 2])
-    return mix.texts(rng, mix.images(rng, cfg.queries)[0])
+def held_out_queries(cfg: BenchConfig, mix: Mixture, count: int = 0, stream: int = 2) -> np.ndarray:
+    """Text vectors of images drawn from the same mixture but not in the collection (a separate seed stream: 2
+    for the measured queries, 3 for the query log clipforge tunes on, so the two are disjoint)."""
+    rng = np.random.default_rng([cfg.seed, stream])
+    return mix.texts(rng, mix.images(rng, count or cfg.queries)[0])
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------------
@@ -304,6 +299,9 @@ def clipforge_side(cfg: BenchConfig, embed_dir: Path, work: Path, xq: np.ndarray
     index_dir = work / "index"
     cmd = [sys.executable, "-m", "indexing.build", str(embed_dir), "--out", str(index_dir), "--memory-budget",
            cfg.budget, "--target-recall", str(cfg.target_recall), "--k", str(cfg.k), *cfg.build_args.split()]
+    if cfg.tune_log:
+        cmd += ["--query-file", str(work / "tune-queries.npy"), "--tune-queries", str(cfg.tune_log // 2),
+                "--eval-queries", str(cfg.tune_log - cfg.tune_log // 2)]
     wall, peak = _run_logged(cmd, work / "clipforge-build.log", "indexing.build")
     s = open_index_set(index_dir)
     index = faiss.read_index(str(s.index_path))
@@ -399,7 +397,7 @@ def autofaiss_side(cfg: BenchConfig, embed_dir: Path, work: Path, xq, gt, clipfo
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     args = {"index_path": str(out / "knn.index"), "infos_path": str(out / "index_infos.json"),
-            "budget": f"{parse_size(cfg.budget)}B", "memory": f"{parse_size(cfg.autofaiss_memory)}B",
+            "budget": f"{parse_bytes(cfg.budget)}B", "memory": f"{parse_bytes(cfg.autofaiss_memory)}B",
             "cores": os.cpu_count() or 1}
     (out / "build.py").write_text(AUTOFAISS_SCRIPT)
     with tempfile.TemporaryDirectory(prefix="autofaiss-npy-", dir=work) as npy:
@@ -512,7 +510,7 @@ def verdict(sides: dict, cfg: BenchConfig) -> dict:
     pf = {True: "PASS", False: "FAIL"}
     if "error" in cf:
         return {"vs_exact": {"result": "FAIL", "note": "the clipforge side failed"}}
-    speed, budget = cf["qps_1_thread"] / ex["qps_1_thread"], parse_size(cfg.budget)
+    speed, budget = cf["qps_1_thread"] / ex["qps_1_thread"], parse_bytes(cfg.budget)
     out = {"vs_exact": {"speedup_1_thread": round(speed, 2), "recall_at_k": cf["recall_at_k"],
                         "target": f"recall@{cfg.k} >= {cfg.target_recall} at >= {TARGET_SPEEDUP:g}x exact QPS",
                         "result": pf[cf["recall_at_k"] >= cfg.target_recall and speed >= TARGET_SPEEDUP]},
@@ -544,6 +542,8 @@ def run(n: int = 1_000_000, dim: int = 512, queries: int = 1000, budget: str = "
     embed_dir = write_collection(cfg, work, mix)
     xq = held_out_queries(cfg, mix)
     np.save(work / "queries.npy", xq)
+    if cfg.tune_log:
+        np.save(work / "tune-queries.npy", held_out_queries(cfg, mix, cfg.tune_log, stream=3))
     data_s = time.perf_counter() - t0
     exact, gt = exact_side(cfg, embed_dir, xq)
     sides = {"exact": exact, "clipforge": _guarded("clipforge", clipforge_side, cfg, embed_dir, work, xq, gt)}

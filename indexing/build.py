@@ -24,7 +24,7 @@ import time
 
 from indexing import grow
 from indexing.builder import BuildError, Gpu, IndexConfig, base_info, choose_for, finish, log, make_index, \
-    new_build_folder, read_manifest
+    new_build_folder, query_sample, read_manifest
 from indexing.tune import Collection
 from trainer.clip.flags import CLI, run_main
 from trainer.clip.formats.embeddings import EmbedFormatError
@@ -48,6 +48,7 @@ def build(cfg: IndexConfig) -> dict:
     if manifest.get("failed"):
         log(f"warning: {len(manifest['failed'])} part(s) failed in `clipforge embed` and are not indexed "
             f"(rerun embed, then `--add`)")
+    query_sample(cfg, coll.d)  # a bad --query-file fails now, not after the training
     choice = choose_for(cfg, coll)
     with new_build_folder(cfg.out) as (build_id, root):
         gpu = Gpu.open(cfg.device)

@@ -17,7 +17,8 @@ import numpy as np
 
 from indexing.faissio import read_index
 from indexing.choose import Choice, choose, format_bytes, new_empty, parse_bytes, train_size_for
-from indexing.tune import Collection, apply_params, default_params, ground_truth, measure, sample_queries, tune
+from indexing.tune import Collection, QueryFileError, QuerySample, apply_params, default_params, ground_truth, \
+    load_query_file, measure, sample_queries, tune
 from trainer.clip.flags import flat, opt, require
 from trainer.clip.formats.atomic import atomic_write
 from trainer.clip.formats.embeddings import EmbedFormatError, read_embed_manifest
@@ -42,6 +43,8 @@ class IndexConfig:
     add_batch: int = opt(65_536, help="vectors read, converted to float32 and added per batch")
     tune_queries: int = opt(1000, help="caption queries to tune on (capped by the distinct captions available)")
     eval_queries: int = opt(1000, help="held-out caption queries for the report, disjoint from the tune queries")
+    query_file: str = opt("", help="a .npy [Q, d] of query embeddings from your query distribution (e.g. logged "
+                                   "text queries): tune and report on its rows instead of caption queries")
     device: str = opt("auto", choices=list(DEVICES), help="auto: a GPU when faiss sees one; cpu; cuda (error "
                                                            "without one)")
     on_disk: bool = opt(False, help="merge the IVF inverted lists on disk (image.ivfdata, memory-mapped at search "
@@ -251,6 +254,20 @@ def split_queries(available: int, tune_n: int, eval_n: int) -> tuple[int, int]:
     return t, min(eval_n, available - t)
 
 
+def query_sample(cfg: IndexConfig, d: int, coll: Collection | None = None) -> tuple[QuerySample, str]:
+    """(the tune + held-out queries, where they come from): --query-file's rows, else caption text embeddings of
+    `coll`. With coll=None only the query file is checked (cheaply, before hours of training)."""
+    count = cfg.tune_queries + cfg.eval_queries
+    if cfg.query_file:
+        try:
+            return load_query_file(cfg.query_file, d, count if coll is not None else 1, cfg.seed), "query-file"
+        except QueryFileError as e:
+            raise BuildError(str(e)) from None
+    if coll is None:
+        return QuerySample(np.zeros((0, d), np.float32), np.zeros(0, np.int64)), "caption"
+    return sample_queries(coll, count, cfg.seed), "caption"
+
+
 def _write_index(index, path: Path) -> None:
     atomic_write(path, lambda tmp: faiss.write_index(index, tmp))
 
@@ -260,11 +277,11 @@ def finish(cfg: IndexConfig, index, coll: Collection, choice: Choice, root: Path
     """Tune on the tune queries, write the index, measure on the held-out queries, write the report, commit."""
     if index.ntotal != coll.n:
         raise BuildError(f"the index holds {index.ntotal} vectors, the collection {coll.n}")
-    qs = sample_queries(coll, cfg.tune_queries + cfg.eval_queries, cfg.seed)
+    qs, kind = query_sample(cfg, coll.d, coll)
     n_tune, n_eval = split_queries(len(qs.x), cfg.tune_queries, cfg.eval_queries)
     x_tune, x_eval = qs.x[:n_tune], qs.x[n_tune:n_tune + n_eval]
     k = min(cfg.k, coll.n)
-    log(f"ground truth for {n_tune} tune + {n_eval} held-out caption queries over {coll.n:,} vectors")
+    log(f"ground truth for {n_tune} tune + {n_eval} held-out {kind} queries over {coll.n:,} vectors")
     truth = ground_truth(coll, np.concatenate([x_tune, x_eval]), min(coll.n, 2 * max(k, 100)), cfg.add_batch,
                          gpu.res)
     tuned = tune(index, choice.params_to_tune, x_tune, truth.head(n_tune), k, cfg.target_recall, choice.nlist)
@@ -276,7 +293,8 @@ def finish(cfg: IndexConfig, index, coll: Collection, choice: Choice, root: Path
     held = measure(searched, x_eval, truth.tail(n_eval), coll.n, k)
     files = {p.name: p.stat().st_size for p in (root / INDEX_FILE, root / IVFDATA_FILE) if p.is_file()}
     report = {"choice": choice.to_dict(), "num_vectors": coll.n, "dim": coll.d, "search_params": params,
-              "tuning": {"k": k, "target_recall": cfg.target_recall, "queries": n_tune, "reached": tuned.reached,
+              "tuning": {"k": k, "target_recall": cfg.target_recall, "queries": n_tune, "query_source": kind,
+                         "reached": tuned.reached,
                          f"recall@{k}": None if np.isnan(tuned.recall) else tuned.recall, "note": tuned.note,
                          "trials": tuned.trials},
               "held_out": held, "index_bytes": sum(files.values()), "files": files,

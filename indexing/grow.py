@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from indexing.builder import BuildError, Gpu, IndexConfig, add_vectors, finish, log, new_build_folder, new_index, \
-    read_manifest, train_index
+    query_sample, read_manifest, train_index
 from indexing.choose import Choice
 from indexing.faissio import c_stdout_to_stderr, read_index
 from indexing.tune import Collection, Source, part_fingerprint
@@ -254,6 +254,7 @@ def add(cfg: IndexConfig) -> dict:
     if not new.sources:
         log(f"nothing to add: every part of {embed_dir} is in build {info['build_id']}")
         return {**info, "report": current.report, "added": 0}
+    query_sample(cfg, old.d)  # a bad --query-file fails now, not after the adding
     choice = Choice.from_dict(info["choice"])
     log(f"adding {new.n:,} vectors from {len(new.sources)} new part(s) to {info['num_vectors']:,}")
     with new_build_folder(out) as (build_id, root):

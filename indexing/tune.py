@@ -202,6 +202,33 @@ def sample_queries(coll: Collection, count: int, seed: int, oversample: int = 4)
     return QuerySample(x[good], ids[good], [best_cap[picked[i]] for i in good])
 
 
+class QueryFileError(ValueError):
+    """A --query-file that cannot be used (missing, not [Q, d] numbers, wrong d, too few usable rows)."""
+
+
+def load_query_file(path: str | Path, d: int, count: int, seed: int) -> QuerySample:
+    """Up to `count` rows of a .npy of query embeddings [Q, d] (e.g. logged text queries of the service), in a
+    seeded random order (a log is chronological), L2-normalised; zero and non-finite rows are dropped. Raises
+    QueryFileError with the reason."""
+    p = Path(path)
+    if count <= 0:
+        return QuerySample(np.zeros((0, d), np.float32), np.zeros(0, np.int64))
+    try:
+        a = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise QueryFileError(f"query file {p}: cannot read a .npy array ({e})") from None
+    if a.ndim != 2 or a.shape[1] != d or a.dtype.kind != "f":
+        raise QueryFileError(f"query file {p}: expected float rows of dimension {d}, got {a.dtype} {a.shape}")
+    rng = np.random.default_rng([seed, 1])
+    take = np.sort(rng.choice(len(a), size=min(len(a), 2 * count), replace=False))  # spare rows for bad ones
+    x = np.asarray(a[take], dtype=np.float32)[rng.permutation(len(take))]
+    norms = np.linalg.norm(x, axis=1)
+    good = np.flatnonzero(np.isfinite(norms) & (norms > 0))[:count]
+    if not len(good):
+        raise QueryFileError(f"query file {p}: no finite, non-zero row among {len(a)}")
+    return QuerySample(x[good] / norms[good, None], np.full(len(good), -1, np.int64))
+
+
 # ------------------------------------------------------------------------------------------------ ground truth
 @dataclass
 class Truth:

@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexing import build as ibuild
-from indexing import faissio, grow
+from indexing import faissio
 from indexing.choose import Choice, choose, parse_bytes
-from indexing.tune import Collection, Truth, ground_truth, recall_at, recall_margin, sample_queries, tune
+from indexing.tune import Collection, Truth, ground_truth, load_query_file, recall_at, recall_margin, sample_queries, \
+    tune
 from trainer.clip.formats.embeddings import part_paths, write_embed_manifest, write_npy, write_part_meta
 from trainer.clip.formats.index import IndexFormatError, open_index_set
 
@@ -460,3 +461,55 @@ def test_gpu_path_with_a_stand_in_gpu(small, tmp_path, monkeypatch, capsys):
     assert "GPU k-means assignment" in capsys.readouterr().err
     assert info["num_vectors"] == open_index_set(tmp_path / "hnsw").info["num_vectors"]
     assert open_index_set(tmp_path / "hnsw").report["held_out"]["recall@10"] > 0.8
+
+
+def _shifted_queries(embed: Path, n: int, seed: int = 5) -> np.ndarray:
+    """Queries off the collection's caption distribution: image vectors pushed along one direction plus noise."""
+    rng = np.random.default_rng(seed)
+    x = all_vectors(embed)
+    x = x[np.linalg.norm(x, axis=1) > 0][rng.integers(0, 1500, n)]
+    q = x + 0.5 * rng.standard_normal(x.shape).astype(np.float32) + 0.6 * np.eye(D, dtype=np.float32)[0]
+    return (3.0 * q).astype(np.float32)  # not unit: the loader normalises
+
+
+def test_query_file_is_what_tuning_and_the_report_use(small, tmp_path):
+    qfile = tmp_path / "queries.npy"
+    q = _shifted_queries(small, 300)
+    q[7] = 0
+    q[11, 3] = np.nan
+    np.save(qfile, q)
+    info = run_build(small, tmp_path / "index", "--flat-max", "100", "--target-recall", "0.9",
+                     "--query-file", str(qfile))
+    report = open_index_set(tmp_path / "index").report
+    assert report["tuning"]["query_source"] == "query-file" and report["tuning"]["queries"] == 64
+    assert report["tuning"]["reached"] and report["held_out"]["queries"] == 64
+    sample = load_query_file(qfile, D, 128, 0)  # the build's seed: its tune rows, then its held-out rows
+    assert np.allclose(np.linalg.norm(sample.x, axis=1), 1, atol=1e-5) and np.isfinite(sample.x).all()
+    held = sample.x[64:]
+    x = all_vectors(small)
+    truth = Truth(*faiss.knn(held, x, 100, metric=faiss.METRIC_INNER_PRODUCT))
+    index = faiss.read_index(str(tmp_path / "index" / info["build"] / "image.index"))
+    index.hnsw.efSearch = info["search_params"]["efSearch"]
+    scores, ids = index.search(held, 10)
+    assert recall_at(ids, truth, 10, scores) == pytest.approx(report["held_out"]["recall@10"])
+    run_build(small, tmp_path / "index2", "--flat-max", "100", "--target-recall", "0.9")
+    assert open_index_set(tmp_path / "index2").report["tuning"]["query_source"] == "caption"
+
+
+def test_query_file_loader_and_errors(small, tmp_path, capsys):
+    q = _shifted_queries(small, 50)
+    q[:10] = 0
+    np.save(tmp_path / "q.npy", q)
+    a, b = load_query_file(tmp_path / "q.npy", D, 30, 1), load_query_file(tmp_path / "q.npy", D, 30, 1)
+    assert len(a.x) == 30 and np.array_equal(a.x, b.x) and (np.linalg.norm(a.x, axis=1) > 0.99).all()
+    assert len(load_query_file(tmp_path / "q.npy", D, 1000, 1).x) == 40  # the 10 zero rows dropped
+    out = str(tmp_path / "o")
+    np.save(tmp_path / "wrong.npy", np.ones((5, D + 1), np.float32))
+    np.save(tmp_path / "zero.npy", np.zeros((5, D), np.float32))
+    (tmp_path / "text.npy").write_text("not an array")
+    for name, message in [("wrong.npy", f"expected float rows of dimension {D}"), ("zero.npy", "no finite, non-zero"),
+                          ("text.npy", "cannot read a .npy array"), ("missing.npy", "cannot read")]:
+        assert ibuild.main([str(small), "--out", out, "--query-file", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "training" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
