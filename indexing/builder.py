@@ -16,7 +16,8 @@ import faiss
 import numpy as np
 
 from indexing.faissio import read_index
-from indexing.choose import Choice, choose, format_bytes, new_empty, parse_bytes, train_size_for
+from indexing.choose import HNSW_M, HNSW_QUANTIZER_FROM, Choice, choose, format_bytes, new_empty, parse_bytes, \
+    train_size_for
 from indexing.tune import Collection, QueryFileError, QuerySample, apply_params, default_params, ground_truth, \
     load_query_file, measure, sample_queries, tune
 from trainer.clip.flags import flat, opt, require
@@ -26,6 +27,8 @@ from trainer.clip.formats.index import INDEX_FILE, IVFDATA_FILE, REPORT_FILE, bu
     write_report
 
 DEVICES = ("auto", "cpu", "cuda")
+HNSW_ASSIGN_FROM = HNSW_QUANTIZER_FROM  # K from which CPU k-means assigns through an HNSW graph of the centroids
+HNSW_ASSIGN_EF = 32                     # its efSearch
 
 
 @dataclass
@@ -125,8 +128,7 @@ class Gpu:
         (HNSW quantizer, fast-scan, refine, a code size the GPU lacks) on the CPU with a GPU flat index doing the
         k-means assignment. -> the trained CPU index."""
         if self.res is None:
-            index.train(x)
-            return index
+            return train_on_cpu(index, x)
         try:
             g = faiss.index_cpu_to_gpu(self.res, 0, index)
             g.train(x)
@@ -162,6 +164,26 @@ class Gpu:
             return faiss.index_cpu_to_gpu(self.res, 0, index)
         except (RuntimeError, AttributeError):
             return None
+
+
+def train_on_cpu(index, x: np.ndarray):
+    """index.train(x); from K = HNSW_ASSIGN_FROM IVF lists on, k-means assigns each training vector to its centroid
+    through an HNSW32 graph of the current centroids (rebuilt every iteration) instead of a scan of all K: the
+    exact scan is N x K x d per iteration (docs/search.md, "Training")."""
+    ivf = _ivf(index)
+    if ivf is None or ivf.nlist < HNSW_ASSIGN_FROM or ivf.clustering_index is not None:
+        index.train(x)
+        return index
+    assigner = faiss.IndexHNSWFlat(ivf.d, HNSW_M)  # L2: faiss's IVF k-means is L2 (spherical for inner product)
+    assigner.hnsw.efSearch = HNSW_ASSIGN_EF
+    log(f"k-means over K={ivf.nlist} lists assigns through an HNSW{HNSW_M} graph of the centroids "
+        f"(K >= {HNSW_ASSIGN_FROM})")
+    ivf.clustering_index = assigner
+    try:
+        index.train(x)
+    finally:
+        ivf.clustering_index = None
+    return index
 
 
 def _ivf(index):

@@ -513,3 +513,28 @@ def test_query_file_loader_and_errors(small, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "training" not in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cpu_kmeans_assigns_through_hnsw_from_many_lists(small, tmp_path, monkeypatch, capsys):
+    """From HNSW_ASSIGN_FROM lists on, CPU training assigns through an HNSW graph of the centroids (lowered here to
+    16): the build says so, the assigner is detached afterwards and the index is as good as one trained exactly."""
+    from indexing import builder
+
+    exact = run_build(small, tmp_path / "exact", "--factory", "IVF16_HNSW32,Flat", "--target-recall", "0.9")
+    assert "HNSW32 graph of the centroids" not in capsys.readouterr().err
+    monkeypatch.setattr(builder, "HNSW_ASSIGN_FROM", 16)
+    info = run_build(small, tmp_path / "hnsw", "--factory", "IVF16_HNSW32,Flat", "--target-recall", "0.9")
+    assert "k-means over K=16 lists assigns through an HNSW32 graph of the centroids" in capsys.readouterr().err
+    index = faiss.read_index(str(tmp_path / "hnsw" / info["build"] / "image.index"))
+    assert faiss.extract_index_ivf(index).clustering_index is None and index.ntotal == info["num_vectors"]
+    got, ref = (open_index_set(tmp_path / d).report["held_out"]["recall@10"] for d in ("hnsw", "exact"))
+    assert got >= 0.9 * ref and open_index_set(tmp_path / "hnsw").report["tuning"]["reached"]
+    assert exact["num_vectors"] == info["num_vectors"]
+    x = all_vectors(small)[:1500]
+    for threshold in (10 ** 9, 16):
+        monkeypatch.setattr(builder, "HNSW_ASSIGN_FROM", threshold)
+        index = faiss.index_factory(D, "IVF16_HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+        faiss.cvar.hnsw_stats.reset()
+        builder.train_on_cpu(index, x)
+        searched = faiss.cvar.hnsw_stats.n1  # graph searches: whole assignment passes over x, or none
+        assert index.is_trained and (searched == 0 if threshold > 16 else searched >= len(x) and not searched % len(x))

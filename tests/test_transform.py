@@ -65,3 +65,27 @@ def test_blur_augment_smooths():
     a, b = sharp(img, random.Random(0)), blurred(img, random.Random(0))
     assert b.std() < a.std()  # a blur of white noise lowers its variance
     assert torch.equal(b, blurred(img, random.Random(0)))  # seeded
+
+
+def test_randconv_changes_style_keeps_shapes_and_is_seeded():
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    img.paste((200, 30, 30), (16, 16, 48, 48))  # a red square on white
+    plain = image_transform(64, train=True, augment=TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0)))
+    conv = image_transform(64, train=True, augment=TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), randconv=1.0))
+    a = plain(img, random.Random(3))
+    outs = [conv(img, random.Random(s)) for s in range(6)]
+    assert all(o.shape == a.shape and torch.isfinite(o).all() for o in outs)
+    assert all(not torch.allclose(o, a, atol=1e-3) for o in outs)  # the style changed
+    assert torch.equal(outs[2], conv(img, random.Random(2)))  # seeded: resume stays exact
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[20:44, 20:44] = True
+    for o in outs:  # the square is still there: inside and outside differ in some channel
+        gap = (o[:, inside].mean(1) - o[:, ~inside].mean(1)).abs().max()
+        assert gap > 0.25 * (a[:, inside].mean(1) - a[:, ~inside].mean(1)).abs().max()
+    rng_a, rng_b = random.Random(9), random.Random(9)
+    image_transform(64, train=True, augment=TrainAugment(randconv=0.0))(img, rng_a)
+    plain_default = image_transform(64, train=True)
+    plain_default(img, rng_b)
+    assert rng_a.random() == rng_b.random()  # off: no draw, so earlier runs replay exactly
+    with pytest.raises(ValueError):
+        TrainAugment(randconv=1.5)

@@ -3,8 +3,9 @@
 eval:  RGB -> bicubic resize of the short side to S -> center crop S x S -> [0,1] tensor -> CLIP mean/std.
 train: RGB -> random resized crop (TrainAugment: area 90-100%, aspect 3/4-4/3 by default) to S x S, bicubic
        -> colour jitter (brightness, contrast, saturation, each by a factor in [1 - c, 1 + c], in random order)
-       -> grayscale with probability g -> Gaussian blur with probability b (all off by default) -> tensor
-       -> mean/std. The eval path matches OpenAI's / open_clip's preprocessing tensor for tensor.
+       -> grayscale with probability g -> Gaussian blur with probability b -> tensor -> mean/std -> with
+       probability r a random convolution mixed into the image (all off by default). The eval path matches
+       OpenAI's / open_clip's preprocessing tensor for tensor.
 """
 from __future__ import annotations
 
@@ -78,11 +79,12 @@ class TrainAugment:
     colour: float = 0.0  # colour jitter strength c: brightness, contrast, saturation factors in [1 - c, 1 + c]
     grayscale: float = 0.0  # probability of a grayscale image
     blur: float = 0.0  # probability of a Gaussian blur, radius uniform in [0.2, 2] % of the image side
+    randconv: float = 0.0  # probability of a random convolution (random_convolution) mixed into the image
 
     def __post_init__(self):
-        if not 0 <= self.colour < 1 or not 0 <= self.grayscale <= 1 or not 0 <= self.blur <= 1:
-            raise ValueError(f"colour jitter must be in [0, 1), grayscale and blur in [0, 1], got {self.colour}, "
-                             f"{self.grayscale}, {self.blur}")
+        if not 0 <= self.colour < 1 or not all(0 <= p <= 1 for p in (self.grayscale, self.blur, self.randconv)):
+            raise ValueError(f"colour jitter must be in [0, 1), grayscale, blur and randconv in [0, 1], got "
+                             f"{self.colour}, {self.grayscale}, {self.blur}, {self.randconv}")
 
 
 _ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
@@ -102,6 +104,23 @@ def colour_augment(img: Image.Image, aug: TrainAugment, rng) -> Image.Image:
     return img
 
 
+RANDCONV_KERNELS = (1, 3, 5, 7)
+
+
+def random_convolution(x: torch.Tensor, rng) -> torch.Tensor:
+    """RandConv (Xu et al., ICLR 2021): a 3 -> 3 channel convolution with a random k x k kernel (k drawn from
+    RANDCONV_KERNELS, weights N(0, 1 / (3 k^2))) keeps shapes and changes colour and local texture -- a style
+    change; the output, rescaled to x's standard deviation, is mixed in as a x + (1 - a) conv(x), a ~ U(0, 1).
+    x: the normalised [3, S, S] image; every draw comes from rng."""
+    k = RANDCONV_KERNELS[rng.randrange(len(RANDCONV_KERNELS))]
+    g = torch.Generator().manual_seed(rng.getrandbits(63))
+    w = torch.randn(3, 3, k, k, generator=g) / math.sqrt(3 * k * k)                   # [out, in, k, k]
+    y = torch.nn.functional.conv2d(x[None], w, padding=k // 2)[0]                      # [3, S, S]
+    y = (y - y.mean()) * (x.std() / y.std().clamp_min(1e-6)) + x.mean()
+    a = rng.random()
+    return a * x + (1 - a) * y
+
+
 def image_transform(image_size: int, train: bool = False,
                     augment: TrainAugment | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """-> fn(PIL image) -> FloatTensor[3, image_size, image_size] normalised with the CLIP mean/std."""
@@ -113,6 +132,7 @@ def image_transform(image_size: int, train: bool = False,
     def train_fn(img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:  # rng: None -> `random`
         rng = rng or random
         crop = random_resized_crop(_to_rgb(img), image_size, scale=aug.scale, ratio=aug.ratio, rng=rng)
-        return _to_tensor(colour_augment(crop, aug, rng))
+        x = _to_tensor(colour_augment(crop, aug, rng))
+        return random_convolution(x, rng) if aug.randconv > 0 and rng.random() < aug.randconv else x
 
     return train_fn if train else eval_fn
