@@ -50,8 +50,8 @@ class DataConfig:
     """What is read, and how it is streamed (trainer.data)."""
     shards: list[str] = opt(default_factory=list, required=True, metavar="DIR",
                             help="shard dir(s): clipforge shards (manifest.json + *.tar) or plain img2dataset output")
-    shard_weights: list[float] | None = opt(None, metavar="W", help="sample share of each --shards dir (default: proportional "
-                                                       "to its sample count)")
+    shard_weights: list[float] | None = opt(None, metavar="W", help="sample share of each --shards dir (default: "
+                                                                    "proportional to its sample count)")
     resampled: bool = opt(False, help="draw shards with replacement instead of one shuffled round after another")
     workers: int = opt(0, help="DataLoader worker processes per rank (0: decode in the training process)")
     shuffle_buffer: int = opt(1000, help="samples in each data slot's seeded shuffle buffer")
