@@ -293,6 +293,7 @@ EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 204
 K_FACTORS = (1, 2, 4, 8, 16, 32, 64, 128)
 QEF_MULT = (1, 2, 4)
 PLATEAU = 0.01  # target out of reach: settle for the cheapest setting within 1% of the best recall
+GAIN_MIN = 0.001  # recall gained by doubling nprobe / efSearch below which the search up the grid stops
 MARGIN_Z = 1.645  # one-sided 95 %: the tuner aims this many standard errors of the tune estimate above the target
 
 
@@ -345,22 +346,36 @@ def evaluate(index, params: dict, xq: np.ndarray, truth: Truth, k: int) -> dict:
     return {"params": dict(params), "recall": round(recall_at(ids, truth, k, scores), 6), "ms_per_query": ms}
 
 
+def _first_reaching(run, combo: tuple, start: int, size: int, target: float, cost_cap: float):
+    """Exponential search up the primary grid from `start` (each step about doubles the value): -> (the first
+    index reaching `target`, the last index tried below it, or -1), or None when it stops short: the end of the
+    grid, a plateau (doubling gained < GAIN_MIN recall) or a trial costing more than `cost_cap` (a setting already
+    known to reach: every larger value costs more still). No trial at nprobe = nlist -- a full scan, hours at 100M
+    vectors -- unless the smaller ones keep gaining recall and stay cheaper than what already reaches."""
+    i, failed, prev = start, -1, -1.0
+    while True:
+        t = run(i, combo)
+        if t["recall"] >= target:
+            return i, failed
+        if i == size - 1 or t["ms_per_query"] > cost_cap or (prev >= 0 and t["recall"] - prev < GAIN_MIN):
+            return None
+        failed, prev, i = i, t["recall"], min(size - 1, i + 2)
+
+
 def _bisect(run, size: int, axes: list, target: float) -> None:
-    """For each combination of the secondary axes, evaluate (through `run`, which caches) the bisection for the
-    smallest primary index in [0, size) reaching `target`, starting from the previous combination's answer."""
-    hi = size - 1
+    """For each combination of the secondary axes, evaluate (through `run`, which caches) the smallest primary
+    index in [0, size) reaching `target`: an exponential search from the previous combination's answer, then a
+    bisection below what it found; later combinations stop where they cost more than a setting that reaches."""
+    start, cost_cap = 0, math.inf
     for combo in itertools.product(*axes):
-        if run(hi, combo)["recall"] >= target:
-            top = hi
-        elif run(size - 1, combo)["recall"] >= target:
-            top = size - 1
-        else:
+        found = _first_reaching(run, combo, start, size, target, cost_cap)
+        if found is None:
             continue
-        lo = 0
+        top, lo = found[0], found[1] + 1
         while lo < top:
             mid = (lo + top) // 2
             lo, top = (lo, mid) if run(mid, combo)["recall"] >= target else (mid + 1, top)
-        hi = top
+        start, cost_cap = top, min(cost_cap, run(top, combo)["ms_per_query"])
 
 
 def tune(index, names: list[str], xq: np.ndarray, truth: Truth, k: int, target: float, nlist: int = 0) -> TuneResult:

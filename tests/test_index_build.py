@@ -538,3 +538,20 @@ def test_cpu_kmeans_assigns_through_hnsw_from_many_lists(small, tmp_path, monkey
         builder.train_on_cpu(index, x)
         searched = faiss.cvar.hnsw_stats.n1  # graph searches: whole assignment passes over x, or none
         assert index.is_trained and (searched == 0 if threshold > 16 else searched >= len(x) and not searched % len(x))
+
+
+def test_tuning_never_scans_every_list_when_less_reaches(small):
+    """The search up nprobe is exponential from below and stops on a plateau or where a trial costs more than a
+    setting that already reaches: no trial is the full scan nprobe = nlist (hours at 100M vectors)."""
+    coll = Collection.from_embed_dir(small)
+    x = all_vectors(small)
+    index = faiss.index_factory(D, "IVF64,PQ8x4fs,Refine(Flat)", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    qs = sample_queries(coll, 200, seed=3)
+    truth = ground_truth(coll, qs.x, 20)
+    r = tune(index, ["nprobe", "k_factor_rf"], qs.x, truth, 10, 0.95, nlist=64)
+    assert r.reached and r.params["nprobe"] < 32
+    assert max(t["params"]["nprobe"] for t in r.trials) < 64
+    low = [t for t in r.trials if t["params"]["k_factor_rf"] == 1]  # 4-bit codes alone: a plateau below 0.95
+    assert low and max(t["recall"] for t in low) < 0.95 and max(t["params"]["nprobe"] for t in low) < 64
