@@ -41,11 +41,10 @@ from indexing.faissio import c_stdout_to_stderr, read_index
 from indexing.tune import Collection, Source, part_fingerprint
 from trainer.clip.formats.atomic import atomic_write
 from trainer.clip.formats.embeddings import EmbedFormatError, embed_parts
-from trainer.clip.formats.index import INDEX_FILE, IVFDATA_FILE, META_FILE, METADATA_COLUMNS, IndexFormatError, \
-    metadata_writer_schema, open_index_set
+from trainer.clip.formats.index import INDEX_FILE, IVFDATA_FILE, META_FILE, META_ROW_GROUP, METADATA_COLUMNS, \
+    IndexFormatError, metadata_writer_schema, open_index_set, write_metadata_files
 
 TRAINED_FILE, SLICES_DIR = "trained.index", ".slices"
-ROW_GROUP = 64_000
 
 
 # ------------------------------------------------------------------------------------------------ metadata
@@ -94,7 +93,7 @@ def _part_rows(src: Source, schema: pa.Schema, shards_dir: str | None) -> pa.Tab
 def _rows(sources: list[Source], schema: pa.Schema, shards_dir: str | None,
           old: Path | None) -> Iterator[pa.Table]:
     if old is not None:
-        for batch in pq.ParquetFile(old).iter_batches(ROW_GROUP):
+        for batch in pq.ParquetFile(old).iter_batches(META_ROW_GROUP):
             yield _conform(pa.Table.from_batches([batch]), schema)
     for src in sources:
         yield _part_rows(src, schema, shards_dir)
@@ -106,17 +105,7 @@ def write_metadata(path: Path, sources: list[Source], build_id: str, weights_sha
     each part in order. -> rows written."""
     schema = _schema(sources, pq.read_schema(old) if old is not None else None)
     tagged = metadata_writer_schema(schema, build_id, weights_sha256)
-    count = 0
-
-    def write(tmp: str) -> None:
-        nonlocal count
-        with pq.ParquetWriter(tmp, tagged) as w:
-            for t in _rows(sources, schema, shards_dir, old):
-                w.write_table(t.replace_schema_metadata(tagged.metadata), row_group_size=ROW_GROUP)
-                count += len(t)
-
-    atomic_write(path, write)
-    return count
+    return write_metadata_files(path, tagged, _rows(sources, schema, shards_dir, old))
 
 
 # ------------------------------------------------------------------------------------------------ on disk

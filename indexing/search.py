@@ -41,7 +41,7 @@ from PIL import Image
 from indexing import faissio
 from indexing.serve_filter import FilterCache, FilterError, IdSet, selector_params
 from trainer.clip.flags import CLI, opt, require, run_main, section
-from trainer.clip.formats.index import IndexFormatError, open_index_set
+from trainer.clip.formats.index import ROWS_FILE, IndexFormatError, open_index_set
 
 MAX_IMAGE_PIXELS = 64_000_000  # a query image larger than this (decoded) is refused before it is decoded
 IMAGE_BATCH = 32
@@ -116,17 +116,29 @@ def read_index(path: str | Path, mmap: bool = True) -> faiss.Index:
 
 
 class MetadataReader:
-    """Rows of metadata.parquet by vector id (= row), read a row group and a column at a time, with a bounded LRU
-    of decoded chunks: memory is meta_cache chunks, whatever the row count."""
+    """Rows of a build's metadata by vector id (= row). From metadata.arrow when the build has it: memory-mapped
+    Arrow IPC, a lookup touches only the pages of the rows asked for. Else (builds from before it) from
+    metadata.parquet, a row group and a column at a time, with a bounded LRU of decoded chunks: memory is
+    meta_cache chunks, whatever the row count."""
 
     def __init__(self, path: str | Path, cache: int = 32):
-        self.file = pq.ParquetFile(path, memory_map=True)
-        meta = self.file.metadata
-        self.num_rows, self.columns = int(meta.num_rows), list(self.file.schema_arrow.names)
-        self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        rows_file = Path(path).with_name(ROWS_FILE)
+        self.ipc = pa.ipc.open_file(pa.memory_map(str(rows_file))) if rows_file.is_file() else None
+        if self.ipc is not None:
+            self.columns = list(self.ipc.schema.names)
+            sizes = [self.ipc.get_batch(i).num_rows for i in range(self.ipc.num_record_batches)]
+        else:
+            self.file = pq.ParquetFile(path, memory_map=True)
+            meta = self.file.metadata
+            self.columns = list(self.file.schema_arrow.names)
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self.starts = np.cumsum([0] + sizes)
+        self.num_rows = int(self.starts[-1])
         self.size, self.cache, self.lock = cache, OrderedDict(), threading.Lock()
 
     def _chunk(self, group: int, column: str) -> pa.Array:
+        if self.ipc is not None:  # zero-copy: a view of the mapped file
+            return self.ipc.get_batch(group).column(column)
         key = (group, column)
         if key in self.cache:
             self.cache.move_to_end(key)

@@ -24,8 +24,8 @@ from indexing.report import write_html
 from indexing.search import MetadataReader, QueryError, Searcher, SearchError, SearchOptions
 from trainer.clip.checkpoint import save_model
 from trainer.clip.formats.atomic import atomic_write_json, read_json
-from trainer.clip.formats.index import (INDEX_FILE, IVFDATA_FILE, META_FILE, REPORT_FILE, build_dir, commit_build,
-                                        new_build_id, open_index_set, write_metadata, write_report)
+from trainer.clip.formats.index import (INDEX_FILE, IVFDATA_FILE, META_FILE, REPORT_FILE, ROWS_FILE, build_dir,
+                                        commit_build, new_build_id, open_index_set, write_metadata, write_report)
 from trainer.clip.formats.shards import write_shard_dir
 from trainer.clip.model import CLIP, get_config
 
@@ -326,6 +326,29 @@ def test_metadata_is_read_a_row_group_at_a_time(tmp_path):
     ids = [49, 0, 13, 14, 13, 6, 7, 35]
     assert reader.rows(ids, ["v", "key"]) == [{"v": i, "key": f"k{i}"} for i in ids]
     assert len(reader.cache) <= 3 and reader.num_rows == n and reader.columns == ["key", "v"]
+
+
+def test_metadata_lookups_use_the_memory_mapped_arrow_twin(env, tmp_path):
+    """Every build writes metadata.arrow with metadata.parquet (same rows, same tags); lookups read it (no parquet
+    decoding, no cache), give the same rows, and a twin of another build or row count is a mismatched set."""
+    s = Searcher(env.root / "flat")
+    twin = s.set.root / ROWS_FILE
+    assert twin.is_file() and s.meta.ipc is not None
+    ids = [len(env.meta) - 1, 0, 5, 3, 5]
+    cols = list(pq.read_schema(s.set.meta_path).names)
+    parquet_only = tmp_path / "p" / "metadata.parquet"
+    parquet_only.parent.mkdir()
+    shutil.copy(s.set.meta_path, parquet_only)
+    old = MetadataReader(parquet_only)
+    assert old.ipc is None and s.meta.rows(ids, cols) == old.rows(ids, cols) and not s.meta.cache
+    bad = shutil.copytree(env.root / "flat", tmp_path / "bad")
+    build = bad / read_json(bad / "index.json")["build"]
+    with pa.OSFile(str(build / ROWS_FILE)) as f:  # read into memory (a mapped table would die with the rewrite)
+        t = pa.ipc.open_file(f).read_all()
+    with pa.OSFile(str(build / ROWS_FILE), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+        w.write_table(t.slice(1))
+    with pytest.raises(SearchError, match="metadata.arrow rows"):
+        Searcher(bad)
 
 
 def test_the_report_page_uses_the_searcher(env, tmp_path):

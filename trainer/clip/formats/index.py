@@ -15,6 +15,11 @@ the commit marker (replaced atomically, so a rebuild swaps the whole set at once
                                               url, shard = tar path relative to shards_dir, member, offset and
                                               size of the image bytes in the tar), then the pipeline's columns;
                                               schema metadata {"build_id", "weights_sha256"}
+    INDEX_DIR/builds/<build_id>/metadata.arrow
+                                              the same rows and schema as an uncompressed Arrow IPC file, written
+                                              with it: memory-mapped by search for row lookups by id (a row costs
+                                              a page read, not the decoding of its parquet row group). Optional
+                                              for readers: builds from before it exist
     INDEX_DIR/builds/<build_id>/report.json   {"build_id", "weights_sha256", the choice and its reasons, recall@k,
                                               QPS, latency, bytes, build time}
     INDEX_DIR/builds/<build_id>/build.json    a copy of index.json (a build folder describes itself)
@@ -40,6 +45,8 @@ from trainer.clip.formats.atomic import atomic_write, atomic_write_json, read_fo
 INDEX_FORMAT = "clipforge.index.v2"
 INDEX_FILE, IVFDATA_FILE, META_FILE, REPORT_FILE, BUILD_FILE = (
     "image.index", "image.ivfdata", "metadata.parquet", "report.json", "build.json")
+ROWS_FILE = "metadata.arrow"
+META_ROW_GROUP = 64_000
 INFO_FILE, BUILDS_DIR = "index.json", "builds"
 METADATA_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("url", pa.string()),
                              ("shard", pa.string()), ("member", pa.string()), ("offset", pa.int64()),
@@ -63,15 +70,38 @@ def build_dir(index_dir: str | Path, build_id: str) -> Path:
 
 
 def write_metadata(path: str | Path, table: pa.Table, build_id: str, weights_sha256: str) -> None:
-    """metadata.parquet of a build, atomically: METADATA_SCHEMA's columns first (cast), the others after."""
-    import pyarrow.parquet as pq
-
+    """metadata.parquet (and metadata.arrow) of a build, atomically: METADATA_SCHEMA's columns first (cast), the
+    others after."""
     own = table.select(list(METADATA_COLUMNS)).cast(METADATA_SCHEMA)
     extra = [c for c in table.column_names if c not in METADATA_COLUMNS]
     schema = pa.schema([*METADATA_SCHEMA, *(table.schema.field(c) for c in extra)]).with_metadata(
         {"build_id": build_id, "weights_sha256": weights_sha256})
     out = pa.Table.from_arrays([*own.columns, *(table.column(c) for c in extra)], schema=schema)
-    atomic_write(path, lambda tmp: pq.write_table(out, tmp, row_group_size=64_000))
+    write_metadata_files(path, schema, [out])
+
+
+def write_metadata_files(path: str | Path, tagged: pa.Schema, tables) -> int:
+    """metadata.parquet at `path` and metadata.arrow next to it, both atomically, from the same stream of tables
+    (schema `tagged`, from metadata_writer_schema): -> rows written."""
+    import pyarrow.parquet as pq
+
+    path, count = Path(path), 0
+
+    def both(tmp_parquet: str) -> None:
+        def rows(tmp_arrow: str) -> None:
+            nonlocal count
+            with pq.ParquetWriter(tmp_parquet, tagged) as w, pa.OSFile(tmp_arrow, "wb") as sink, \
+                    pa.ipc.new_file(sink, tagged) as r:
+                for t in tables:
+                    t = t.replace_schema_metadata(tagged.metadata)
+                    w.write_table(t, row_group_size=META_ROW_GROUP)
+                    r.write_table(t, max_chunksize=META_ROW_GROUP)
+                    count += len(t)
+
+        atomic_write(path.with_name(ROWS_FILE), rows)
+
+    atomic_write(path, both)
+    return count
 
 
 def metadata_writer_schema(schema: pa.Schema, build_id: str, weights_sha256: str) -> pa.Schema:
@@ -162,12 +192,27 @@ def open_index_set(index_dir: str | Path) -> IndexSet:
     checks = [("metadata build_id", tags.get("build_id"), bid), ("metadata weights_sha256",
               tags.get("weights_sha256"), sha), ("metadata rows", rows, info.get("num_vectors")),
               ("report build_id", report.get("build_id"), bid),
-              ("report weights_sha256", report.get("weights_sha256"), sha)]
+              ("report weights_sha256", report.get("weights_sha256"), sha), *_rows_file_checks(root, bid, rows)]
     for what, found, want in checks:
         if found != want:
             raise IndexFormatError(f"mismatched index set in {index_dir}: {what} is {found!r}, index.json says "
                                    f"{want!r} (rebuild with `clipforge index`)")
     return IndexSet(info, root, report)
+
+
+def _rows_file_checks(root: Path, bid, rows: int) -> list[tuple]:
+    """metadata.arrow, when the build has one, must carry the build id and the parquet's row count."""
+    path = root / ROWS_FILE
+    if not path.is_file():
+        return []
+    try:
+        with pa.memory_map(str(path)) as f:
+            r = pa.ipc.open_file(f)
+            tags = {k.decode(): v.decode() for k, v in (r.schema.metadata or {}).items()}
+            n = sum(r.get_batch(i).num_rows for i in range(r.num_record_batches))
+    except (OSError, pa.ArrowException) as e:
+        raise IndexFormatError(f"mismatched index set in {root.parent.parent}: {path}: {e}") from e
+    return [("metadata.arrow build_id", tags.get("build_id"), bid), ("metadata.arrow rows", n, rows)]
 
 
 def describe(info: dict) -> str:
