@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 
 from indexing.faissio import read_index
-from indexing.choose import HNSW_M, HNSW_QUANTIZER_FROM, Choice, choose, format_bytes, new_empty, parse_bytes, \
+from indexing.choose import HNSW_M, Choice, choose, format_bytes, new_empty, parse_bytes, \
     train_size_for
 from indexing.tune import Collection, QueryFileError, QuerySample, apply_params, default_params, ground_truth, \
     load_query_file, measure, sample_queries, tune
@@ -27,7 +27,7 @@ from trainer.clip.formats.index import INDEX_FILE, IVFDATA_FILE, REPORT_FILE, bu
     write_report
 
 DEVICES = ("auto", "cpu", "cuda")
-HNSW_ASSIGN_FROM = HNSW_QUANTIZER_FROM  # K from which CPU k-means assigns through an HNSW graph of the centroids
+HNSW_ASSIGN_FROM = 2 ** 14               # K from which CPU k-means assigns through an HNSW graph of the centroids
 HNSW_ASSIGN_EF = 32                     # its efSearch
 
 

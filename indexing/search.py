@@ -13,12 +13,13 @@
 
 A query is text (a str: always text), an image (a pathlib.Path, bytes, or a PIL image) or an embedding (a numpy
 array [D], or [Q, D] for Q of them; normalised here). Reads INDEX_DIR/index.json and the build it names
-(open_index_set refuses a mismatched set), the FAISS index memory-mapped, metadata.parquet one row group at a time
-(only the groups holding hits, a bounded LRU: never the whole table), and the checkpoint only on the first text or
+(open_index_set refuses a mismatched set), the FAISS index memory-mapped, the hits' rows of metadata.arrow (memory-
+mapped Arrow IPC; builds without it: metadata.parquet a row group at a time through a bounded LRU), and the checkpoint only on the first text or
 image query (its weights hash must be the index's): an embedding-only user never needs it. A filter (the language of
 indexing.serve_filter) is evaluated by DuckDB into an allowed-id bitmap; the search then either widens k (x4 a
 round) or, when few ids are allowed, hands the bitmap to faiss as an IDSelectorBitmap. Writes nothing but DuckDB's
-spill files. Searching is read-only: a rerun gives the same results; a rebuild is seen by a new Searcher.
+spill files. Concurrent unfiltered searches (threads of a service) are coalesced into one batched FAISS search
+(indexing.coalesce). Searching is read-only: a rerun gives the same results; a rebuild is seen by a new Searcher.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from indexing import faissio
+from indexing.coalesce import Coalescer
 from indexing.serve_filter import FilterCache, FilterError, IdSet, selector_params
 from trainer.clip.flags import CLI, opt, require, run_main, section
 from trainer.clip.formats.index import ROWS_FILE, IndexFormatError, open_index_set
@@ -95,10 +97,13 @@ class SearchOptions:
     duckdb_memory: str = opt("1GB", help="DuckDB memory_limit for filter evaluation (it spills to disk beyond)")
     duckdb_temp_dir: str = opt("", help="DuckDB spill dir (default: clipforge-filter-duckdb in the system temp dir)")
     meta_cache: int = opt(32, help="decoded metadata column chunks (one row group of one column each) kept (LRU)")
+    coalesce: int = opt(256, help="concurrent unfiltered searches run as one batch of up to this many queries "
+                                  "(indexing.coalesce); 0: each search on its own")
 
     def __post_init__(self):
         for name in ("max_candidates", "max_filter_chars", "filter_cache", "meta_cache"):
             require(self, name, getattr(self, name) >= 1, "must be >= 1")
+        require(self, "coalesce", self.coalesce >= 0, "must be >= 0")
         require(self, "selector_fraction", 0 <= self.selector_fraction <= 1, "must be in [0, 1]")
         require(self, "filter_strategy", self.filter_strategy in FILTER_STRATEGIES,
                 f"must be one of {', '.join(FILTER_STRATEGIES)}")
@@ -258,6 +263,7 @@ class Searcher:
         self._encoder: tuple | None = None
         self._filters: FilterCache | None = None
         self._lock, self._filters_lock = threading.Lock(), threading.Lock()
+        self.coalescer = Coalescer(self.index.search, self.options.coalesce) if self.options.coalesce else None
 
     def _apply_params(self, params: dict) -> dict:
         ps, applied = faiss.ParameterSpace(), {}
@@ -398,7 +404,7 @@ class Searcher:
             return Results([[] for _ in batch], notes, ["empty"] * len(batch))
         xq = self.embed(batch)
         if allowed is None and dedup is None:
-            scores, ids = self.index.search(xq, k)
+            scores, ids = (self.coalescer or self.index).search(xq, k)
             found = [(s[i >= 0], i[i >= 0], "plain") for s, i in zip(scores, ids)]
         else:
             found = [self._gather(xq[j:j + 1], k, allowed, dedup, notes) for j in range(len(batch))]

@@ -82,8 +82,8 @@ METHODS = {"GET", "POST", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"}
 class Metrics:
     """Request counts by route / method / status and a latency histogram by route, in Prometheus text format."""
 
-    def __init__(self, num_vectors: int):
-        self.num_vectors, self.lock = num_vectors, threading.Lock()
+    def __init__(self, num_vectors: int, coalescer=None):
+        self.num_vectors, self.lock, self.coalescer = num_vectors, threading.Lock(), coalescer
         self.requests: dict[tuple[str, str, int], int] = {}
         self.latency: dict[str, list] = {}  # route -> cumulative bucket counts + [sum, count]
 
@@ -112,6 +112,11 @@ class Metrics:
         gauge = "clipforge_serve_index_vectors"
         lines += [f"# HELP {gauge} Vectors in the served index.", f"# TYPE {gauge} gauge",
                   f"{gauge} {self.num_vectors}"]
+        if self.coalescer is not None:  # mean batch depth under load: queries / batches
+            for name, what, n in (("batches", "Batched FAISS searches run", self.coalescer.batches),
+                                  ("batched_queries", "Queries those batches held", self.coalescer.queries)):
+                lines += [f"# HELP clipforge_serve_search_{name}_total {what}.",
+                          f"# TYPE clipforge_serve_search_{name}_total counter", f"clipforge_serve_search_{name}_total {n}"]
         return "\n".join(lines) + "\n"
 
 
@@ -270,7 +275,7 @@ def create_app(cfg: ServeConfig, searcher: Searcher | None = None) -> FastAPI:
     if cfg.preload_model:
         searcher.load_model()  # a bad checkpoint fails at startup, not on the first text query
     svc = SearchService(cfg, searcher)
-    metrics = Metrics(svc.n)
+    metrics = Metrics(svc.n, searcher.coalescer)
     app = FastAPI(title="clipforge search", summary="Text / embedding / image search over a clipforge index",
                   docs_url=None, redoc_url=None)
     app.state.service, app.state.metrics = svc, metrics

@@ -111,7 +111,8 @@ def test_chooser_families_and_reasons():
     c = choose(500_000, 512, 4 * g)
     assert c.factory == "HNSW32" and c.params_to_tune == ["efSearch"] and not c.needs_training
     c = choose(500_000, 512, 600 * 10 ** 6)  # HNSW (1.16 GB) does not fit, IVF-Flat (1.04 GB) neither
-    assert c.factory == "IVF4096,PQ128x4fs,Refine(SQfp16)"
+    assert c.factory == "IVF2048,PQ256x4fs,Refine(SQfp16)" and c.nlist == 2048  # fast-scan: K ~ 4·sqrt(N)
+    assert "4·sqrt(N)" in " ".join(c.reasons) and c.estimated_bytes <= 600 * 10 ** 6
     assert set(c.params_to_tune) == {"nprobe", "k_factor_rf"} and "over budget" in " ".join(c.reasons)
     c = choose(500_000, 512, 1100 * 10 ** 6)
     assert c.factory == "IVF4096,Flat" and c.nlist == 4096 and c.needs_training
@@ -119,8 +120,13 @@ def test_chooser_families_and_reasons():
     c = choose(5_000_000, 512, 25 * g)  # HNSW over --hnsw-max: IVF with an HNSW coarse quantizer
     assert c.factory == "IVF65536_HNSW32,Flat"
     assert c.params_to_tune == ["nprobe", "quantizer_efSearch"] and "--hnsw-max" in " ".join(c.reasons)
-    c = choose(5_000_000, 512, 3 * g)
-    assert ",PQ" in c.factory and "x4fs" in c.factory and "Refine(SQ8)" in c.factory and c.estimated_bytes <= 3 * g
+    c = choose(5_000_000, 512, 3 * g)  # fast-scan codes: 8192 lists, a scanned (exact) coarse quantizer
+    assert c.factory.startswith("IVF8192,PQ") and "x4fs" in c.factory and "Refine(SQ8)" in c.factory
+    assert c.estimated_bytes <= 3 * g and c.params_to_tune == ["nprobe", "k_factor_rf"]
+    c = choose(1_200_000, 512, 2.6 * g)  # IVF-Flat, its K capped: 1.2M / 39 < 32768, so 16384, scanned
+    assert c.factory == "IVF16384,Flat" and c.params_to_tune == ["nprobe"]
+    c = choose(40_000_000, 512, 25 * g)  # fast-scan at 4·sqrt(N) = 32768 lists: an HNSW quantizer from there
+    assert c.factory.startswith("IVF32768_HNSW32,PQ") and "x4fs" in c.factory
     c = choose(50_000_000, 512, 8 * g)
     assert c.factory.startswith("OPQ") and "IVF262144_HNSW32,PQ" in c.factory and "Refine" not in c.factory
     assert not c.on_disk and c.estimated_bytes <= 8 * g

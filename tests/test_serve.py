@@ -3,7 +3,10 @@ CPU, embedded and indexed by the real stages through tests/index_data.make_index
 plus one real uvicorn socket."""
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import io
+import json
 import threading
 import time
 import urllib.request
@@ -375,11 +378,12 @@ def test_config_validation_and_main_exit_codes(env, tmp_path, capsys):
     assert "index not found" in capsys.readouterr().err
 
 
-def test_real_socket_healthz(env, free_port):
+@contextlib.contextmanager
+def serving(app, port: int):
+    """The app on a real uvicorn socket on 127.0.0.1:port, in a thread, for the with block."""
     import uvicorn
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(env.app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -387,10 +391,43 @@ def test_real_socket_healthz(env, free_port):
         while not server.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.started, "uvicorn did not start"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
-            assert resp.status == 200
-            assert b'"status":"ok"' in resp.read().replace(b" ", b"")
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_real_socket_healthz(env, free_port):
+    with serving(env.app, free_port()) as url:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=10) as resp:
+            assert resp.status == 200
+            assert b'"status":"ok"' in resp.read().replace(b" ", b"")
+
+
+def test_concurrent_requests_are_coalesced_and_each_gets_its_own_answer(env, free_port):
+    pytest.importorskip("prometheus_client")
+    app = serve.create_app(env.cfg, env.searcher)
+    svc = app.state.service
+    q = np.random.default_rng(7).standard_normal((24, svc.dim)).astype(np.float32)
+    before = svc.s.coalescer.queries
+    with serving(app, free_port()) as url:
+        def ask(j):
+            body = json.dumps({"embedding": q[j].tolist(), "k": 1 + j % 5}).encode()
+            req = urllib.request.Request(f"{url}/search", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return [(r["id"], r["score"]) for r in json.loads(resp.read())["results"]]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(ask, range(len(q))))
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    x = env.x / np.linalg.norm(env.x, axis=1, keepdims=True)
+    for j, hits in enumerate(got):  # each its own k and its own exact top k (ties: the twin images)
+        scores = x @ (q[j] / np.linalg.norm(q[j]))
+        assert len(hits) == 1 + j % 5
+        np.testing.assert_allclose([sc for _, sc in hits], np.sort(scores)[::-1][:len(hits)], atol=1e-4)
+        np.testing.assert_allclose([scores[i] for i, _ in hits], [sc for _, sc in hits], atol=1e-4)
+    assert svc.s.coalescer.queries == before + len(q)
+    assert f"clipforge_serve_search_batched_queries_total {svc.s.coalescer.queries}" in text
+    assert 1 <= svc.s.coalescer.batches <= svc.s.coalescer.queries
