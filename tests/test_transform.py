@@ -89,3 +89,25 @@ def test_randconv_changes_style_keeps_shapes_and_is_seeded():
     assert rng_a.random() == rng_b.random()  # off: no draw, so earlier runs replay exactly
     with pytest.raises(ValueError):
         TrainAugment(randconv=1.5)
+
+
+def test_stroke_augment_thins_or_thickens_outlines_keeps_fills_and_is_seeded():
+    img = Image.new("RGB", (64, 64), (255, 255, 255))
+    img.paste((0, 0, 0), (14, 14, 50, 50))
+    img.paste((230, 40, 40), (16, 16, 48, 48))  # a red square with a 2-px black outline, on white
+    plain = image_transform(64, train=True, augment=TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0)))
+    stroke = image_transform(64, train=True, augment=TrainAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0), stroke=1.0))
+    a = plain(img, random.Random(0))
+    dark = lambda x: int((x.mean(0) < -1.5).sum())  # noqa: E731 -- black pixels after CLIP normalisation
+    outs = [stroke(img, random.Random(s)) for s in range(12)]
+    assert any(dark(o) < dark(a) // 2 for o in outs)   # thinned or gone
+    assert any(dark(o) > dark(a) for o in outs)        # thickened
+    for o in outs:  # the red fill stays red in the middle
+        assert o[0, 28:36, 28:36].mean() > o[1, 28:36, 28:36].mean() + 1.0
+    assert torch.equal(outs[5], stroke(img, random.Random(5)))  # seeded
+    rng_a, rng_b = random.Random(4), random.Random(4)
+    image_transform(64, train=True, augment=TrainAugment(stroke=0.0))(img, rng_a)
+    image_transform(64, train=True)(img, rng_b)
+    assert rng_a.random() == rng_b.random()  # off: nothing drawn
+    with pytest.raises(ValueError):
+        TrainAugment(stroke=-0.1)

@@ -63,6 +63,8 @@ class DataConfig:
     aug_blur: float = opt(0.0, help="probability of a Gaussian blur (radius 0.2-2 %% of the image side)")
     aug_randconv: float = opt(0.0, help="probability of a random convolution mixed into the image (RandConv: a "
                                         "style change that keeps shapes)")
+    aug_stroke: float = opt(0.0, help="probability of thinning or thickening a drawing's strokes (a max / min "
+                                      "filter: outlines shrink or grow, colours and shapes stay)")
 
     def __post_init__(self):
         if isinstance(self.shards, str):
@@ -77,10 +79,11 @@ class DataConfig:
         require(self, "aug_grayscale", 0 <= self.aug_grayscale <= 1, "must be in [0, 1]")
         require(self, "aug_blur", 0 <= self.aug_blur <= 1, "must be in [0, 1]")
         require(self, "aug_randconv", 0 <= self.aug_randconv <= 1, "must be in [0, 1]")
+        require(self, "aug_stroke", 0 <= self.aug_stroke <= 1, "must be in [0, 1]")
 
     def augment(self) -> TrainAugment:
         return TrainAugment(scale=tuple(self.aug_scale), colour=self.aug_colour, grayscale=self.aug_grayscale,
-                            blur=self.aug_blur, randconv=self.aug_randconv)
+                            blur=self.aug_blur, randconv=self.aug_randconv, stroke=self.aug_stroke)
 
 
 @dataclass
