@@ -129,9 +129,10 @@ class MetadataReader:
     def __init__(self, path: str | Path, cache: int = 32):
         rows_file = Path(path).with_name(ROWS_FILE)
         self.ipc = pa.ipc.open_file(pa.memory_map(str(rows_file))) if rows_file.is_file() else None
-        if self.ipc is not None:
+        if self.ipc is not None:  # the batches' buffers stay views of the mapped file; get_batch parses each anew
             self.columns = list(self.ipc.schema.names)
-            sizes = [self.ipc.get_batch(i).num_rows for i in range(self.ipc.num_record_batches)]
+            self.batches = [self.ipc.get_batch(i) for i in range(self.ipc.num_record_batches)]
+            sizes = [b.num_rows for b in self.batches]
         else:
             self.file = pq.ParquetFile(path, memory_map=True)
             meta = self.file.metadata
@@ -142,8 +143,6 @@ class MetadataReader:
         self.size, self.cache, self.lock = cache, OrderedDict(), threading.Lock()
 
     def _chunk(self, group: int, column: str) -> pa.Array:
-        if self.ipc is not None:  # zero-copy: a view of the mapped file
-            return self.ipc.get_batch(group).column(column)
         key = (group, column)
         if key in self.cache:
             self.cache.move_to_end(key)
@@ -163,6 +162,10 @@ class MetadataReader:
             for g in np.unique(groups):
                 where = np.nonzero(groups == g)[0]
                 local = pa.array(ids[where] - self.starts[g], pa.int64())
+                if self.ipc is not None:  # one take of the batch's columns (a take per column costs as much)
+                    for j, row in zip(where, self.batches[g].select(list(columns)).take(local).to_pylist()):
+                        out[j] = row
+                    continue
                 for c in columns:
                     for j, v in zip(where, self._chunk(int(g), c).take(local).to_pylist()):
                         out[j][c] = v
