@@ -46,3 +46,14 @@ def test_bench_index_tiny(tmp_path):
     # every query once over HTTP: the service answers what the index answers
     assert web["ok"] == web["requests"] == 200 and abs(web["recall_at_k"] - ours["recall_at_k"]) <= 0.01
     assert r["verdict"]["vs_exact"]["result"] in ("PASS", "FAIL") and r["verdict"]["vs_autofaiss"]["result"] == "n/a"
+
+
+def test_sweep_ivf_lists_tiny(capsys):
+    from helpers import load_bench
+
+    assert load_bench("sweep_ivf_lists").main(["--n", "3000", "--dim", "32", "16:8:SQ8", "8:8:none"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "recall=" in ln]
+    refined = [ln for ln in lines if ln.lstrip().startswith("16:8:SQ8:scan")]
+    assert len(refined) == 2 * 4 and len([ln for ln in lines if ln.lstrip().startswith("8:8:none")]) == 1
+    recall = [float(ln.split("recall=")[1].split()[0]) for ln in refined]
+    assert all(0 < r <= 1 for r in recall) and recall[-1] >= recall[0]  # nprobe 16 of 16 lists: no worse than 8
