@@ -11,15 +11,16 @@
     res.notes                                                    # what was skipped or limited (dedup, candidates)
     jpg = s.image_bytes(hits[0])                                 # the original bytes, from the shard tar
 
-A query is text (a str: always text), an image (a pathlib.Path, bytes, or a PIL image) or an embedding (a numpy
-array [D], or [Q, D] for Q of them; normalised here). Reads INDEX_DIR/index.json and the build it names
-(open_index_set refuses a mismatched set), the FAISS index memory-mapped, the hits' rows of metadata.arrow (memory-
-mapped Arrow IPC; builds without it: metadata.parquet a row group at a time through a bounded LRU), and the checkpoint only on the first text or
-image query (its weights hash must be the index's): an embedding-only user never needs it. A filter (the language of
-indexing.serve_filter) is evaluated by DuckDB into an allowed-id bitmap; the search then either widens k (x4 a
-round) or, when few ids are allowed, hands the bitmap to faiss as an IDSelectorBitmap. Writes nothing but DuckDB's
-spill files. Concurrent unfiltered searches (threads of a service) are coalesced into one batched FAISS search
-(indexing.coalesce). Searching is read-only: a rerun gives the same results; a rebuild is seen by a new Searcher.
+A query is text (a str: always text), an image (a pathlib.Path, bytes, or a PIL image) or an embedding (a numpy array
+[D], or [Q, D] for Q of them; normalised here). Reads INDEX_DIR/index.json and the build it names (open_index_set
+refuses a mismatched set), the FAISS index memory-mapped, the hits' rows of metadata.arrow (memory-mapped Arrow IPC;
+builds without it: metadata.parquet a row group at a time through a bounded LRU), and the checkpoint only on the first
+text or image query (its weights hash must be the index's): an embedding-only user never needs it. A filter (the
+language of indexing.serve_filter) is evaluated by DuckDB into an allowed-id bitmap; the search then either widens k
+(x4 a round) or, when few ids are allowed, hands the bitmap to faiss as an IDSelectorBitmap. Writes nothing but
+DuckDB's spill files. Concurrent unfiltered searches (threads of a service) are coalesced into one batched FAISS
+search (indexing.coalesce). Searching is read-only: a rerun gives the same results; a rebuild is seen by a new
+Searcher.
 """
 from __future__ import annotations
 

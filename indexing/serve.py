@@ -115,8 +115,8 @@ class Metrics:
         if self.coalescer is not None:  # mean batch depth under load: queries / batches
             for name, what, n in (("batches", "Batched FAISS searches run", self.coalescer.batches),
                                   ("batched_queries", "Queries those batches held", self.coalescer.queries)):
-                lines += [f"# HELP clipforge_serve_search_{name}_total {what}.",
-                          f"# TYPE clipforge_serve_search_{name}_total counter", f"clipforge_serve_search_{name}_total {n}"]
+                metric = f"clipforge_serve_search_{name}_total"
+                lines += [f"# HELP {metric} {what}.", f"# TYPE {metric} counter", f"{metric} {n}"]
         return "\n".join(lines) + "\n"
 
 
